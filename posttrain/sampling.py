@@ -1,0 +1,73 @@
+"""Sampling responses from a policy: HF `generate` (batched, KV cache) on CPU, vLLM on GPU. Same output format.
+
+`sample(...)` returns, for each prompt (a list of chat messages), a list of `n` response strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import torch
+
+from posttrain import modeling
+
+log = logging.getLogger(__name__)
+
+
+def backend_for(choice: str, device: torch.device) -> str:
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        try:
+            import vllm  # noqa: F401
+
+            return "vllm"
+        except ImportError:
+            log.info("vllm not installed: sampling with HF generate on GPU")
+    return "hf"
+
+
+@torch.no_grad()
+def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float, max_new_tokens: int,
+              batch_size: int, seed: int) -> list[list[str]]:
+    tok.padding_side = "left"
+    texts = [modeling.render_prompt(tok, p) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
+    out: list[list[str]] = [[] for _ in texts]
+    model.eval()
+    device = next(model.parameters()).device
+    per_batch = max(1, batch_size // n)
+    for start in range(0, len(order), per_batch):
+        idx = order[start : start + per_batch]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        torch.manual_seed(seed + start)
+        kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(
+            do_sample=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
+        completions = tok.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        for j, i in enumerate(idx):
+            out[i] = [c.strip() for c in completions[j * n : (j + 1) * n]]
+    return out
+
+
+def sample_vllm(model, tok, prompts: list[list[dict]], n: int, temperature: float, max_new_tokens: int,
+                seed: int, tensor_parallel_size: int = 1) -> list[list[str]]:
+    from vllm import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:  # vLLM loads a merged checkpoint from disk
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        llm = LLM(model=tmp, seed=seed, tensor_parallel_size=tensor_parallel_size, dtype="bfloat16")
+        sp = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+        texts = [modeling.render_prompt(tok, p) for p in prompts]
+        results = llm.generate(texts, sp)
+    return [[o.text.strip() for o in r.outputs] for r in results]
+
+
+def sample(model, tok, prompts: list[list[dict]], *, n: int, temperature: float, max_new_tokens: int,
+           batch_size: int, seed: int, backend: str = "hf", tensor_parallel_size: int = 1) -> list[list[str]]:
+    if backend == "vllm":
+        return sample_vllm(model, tok, prompts, n, temperature, max_new_tokens, seed, tensor_parallel_size)
+    return sample_hf(model, tok, prompts, n, temperature, max_new_tokens, batch_size, seed)

@@ -1,0 +1,21 @@
+"""Bootstrap confidence intervals and the per-prompt win rate (win 1 / tie 0.5 / loss 0, as AlpacaEval counts)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values`."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def win_values(scores: list[float], ref_scores: list[float]) -> list[float]:
+    """Per prompt: 1 where the model's gold score beats the reference's, 0.5 on a tie, 0 on a loss."""
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, ref_scores, strict=True)]

@@ -1,0 +1,190 @@
+"""The bundled suite of verifiable tasks: prompts, the program that solves them, and the verifiers.
+
+Every prompt carries its own verifier spec (a small JSON-able dict), so the gold judgement of a response needs
+nothing but this module: `score(spec, response)` returns a score in [0, 1], 1.0 meaning fully correct and values
+in between giving partial credit. `solve(spec)` writes a response that scores 1.0; `prepare` uses it for the SFT
+demonstrations and the tests use it to check every verifier.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable
+from typing import Any
+
+TOPICS = ["the sea", "a cat", "the moon", "coffee", "rain", "a library", "trains", "winter", "a garden", "music"]
+WORDS = ["apple", "river", "planet", "guitar", "silver", "forest", "window", "candle", "rocket", "pencil"]
+CATEGORIES = {
+    "fruits": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "pear"],
+    "colors": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"],
+    "animals": ["dog", "cat", "horse", "tiger", "eagle", "whale", "rabbit", "fox"],
+}
+FILLER = ["we", "all", "like", "to", "see", "it", "on", "a", "calm", "bright", "day", "again", "today", "here"]
+KEYS = ["name", "age", "city", "score", "color", "size", "speed", "level"]
+_INT = re.compile(r"-?\d+")
+
+
+def _first_int(text: str) -> int | None:
+    m = _INT.search(text.replace(",", ""))
+    return int(m.group()) if m else None
+
+
+def _closeness(got: float, want: float, full: float = 1.0, partial: float = 0.5) -> float:
+    """`full` when equal, else up to `partial` shrinking linearly with the relative error."""
+    if got == want:
+        return full
+    return partial * max(0.0, 1.0 - abs(got - want) / max(abs(want), 1.0))
+
+
+# --- verifiers: spec + response -> score in [0, 1] -------------------------------------------------------------
+
+
+def _score_number(spec: dict, response: str) -> float:
+    got = _first_int(response)
+    return 0.0 if got is None else _closeness(got, spec["answer"])
+
+
+def _score_uppercase(spec: dict, response: str) -> float:
+    text = response.strip().strip(".!\"'")
+    if text == spec["word"].upper():
+        return 1.0
+    return 0.5 if text.lower() == spec["word"].lower() else 0.0
+
+
+def _score_word_count(spec: dict, response: str) -> float:
+    n = len(response.split())
+    return 0.0 if n == 0 else _closeness(n, spec["n"], partial=0.8)
+
+
+def _score_json_keys(spec: dict, response: str) -> float:
+    text = response.strip()
+    m = re.search(r"\{.*\}", text, re.S)
+    try:
+        obj = json.loads(m.group() if m else text)
+    except (json.JSONDecodeError, TypeError):
+        return 0.0
+    if not isinstance(obj, dict):
+        return 0.0
+    want = set(spec["keys"])
+    if set(obj) == want:
+        return 1.0
+    return 0.5 * len(want & set(obj)) / len(want | set(obj))
+
+
+def _score_list_n(spec: dict, response: str) -> float:
+    items = [ln for ln in response.splitlines() if ln.strip().startswith(("-", "*"))]
+    return 0.0 if not items else _closeness(len(items), spec["n"], partial=0.8)
+
+
+def _score_include(spec: dict, response: str) -> float:
+    words = re.findall(r"[a-z']+", response.lower())
+    if not words:
+        return 0.0
+    return 1.0 if spec["keyword"].lower() in words else 0.2
+
+
+VERIFIERS: dict[str, Callable[[dict, str], float]] = {
+    "number": _score_number,
+    "uppercase": _score_uppercase,
+    "word_count": _score_word_count,
+    "json_keys": _score_json_keys,
+    "list_n": _score_list_n,
+    "include": _score_include,
+}
+
+
+def score(spec: dict, response: str) -> float:
+    """Gold score of `response` under a verifier `spec`, in [0, 1]."""
+    kind = spec.get("type")
+    if kind not in VERIFIERS:
+        raise ValueError(f"unknown verifier type {kind!r}; known: {sorted(VERIFIERS)}")
+    return float(VERIFIERS[kind](spec, response))
+
+
+# --- tasks: rng -> (prompt text, verifier spec) ---------------------------------------------------------------
+
+
+def _add(rng: random.Random) -> tuple[str, dict]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} + {b}? Reply with only the number.", {"type": "number", "answer": a + b}
+
+
+def _sub(rng: random.Random) -> tuple[str, dict]:
+    a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+    return f"What is {a} - {b}? Reply with only the number.", {"type": "number", "answer": a - b}
+
+
+def _mul(rng: random.Random) -> tuple[str, dict]:
+    a, b = rng.randint(10, 99), rng.randint(2, 9)
+    return f"What is {a} * {b}? Reply with only the number.", {"type": "number", "answer": a * b}
+
+
+def _uppercase(rng: random.Random) -> tuple[str, dict]:
+    w = rng.choice(WORDS)
+    return f"Write the word '{w}' in all capital letters. Reply with only that word.", {"type": "uppercase", "word": w}
+
+
+def _word_count(rng: random.Random) -> tuple[str, dict]:
+    n, topic = rng.randint(3, 8), rng.choice(TOPICS)
+    return f"Write a sentence about {topic} with exactly {n} words.", {"type": "word_count", "n": n, "topic": topic}
+
+
+def _json_keys(rng: random.Random) -> tuple[str, dict]:
+    keys = rng.sample(KEYS, 2)
+    text = f"Reply with only a JSON object with exactly the keys \"{keys[0]}\" and \"{keys[1]}\"."
+    return text, {"type": "json_keys", "keys": keys}
+
+
+def _list_n(rng: random.Random) -> tuple[str, dict]:
+    n, cat = rng.randint(2, 5), rng.choice(sorted(CATEGORIES))
+    return f"List {n} {cat}, one per line, each line starting with '- '.", {"type": "list_n", "n": n, "category": cat}
+
+
+def _include(rng: random.Random) -> tuple[str, dict]:
+    kw, topic = rng.choice(WORDS), rng.choice(TOPICS)
+    text = f"Write one short sentence about {topic} that uses the word '{kw}'."
+    return text, {"type": "include", "keyword": kw, "topic": topic}
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, dict]]] = {
+    "add": _add,
+    "sub": _sub,
+    "mul": _mul,
+    "uppercase": _uppercase,
+    "word_count": _word_count,
+    "json_keys": _json_keys,
+    "list_n": _list_n,
+    "include": _include,
+}
+
+
+def make_prompt(task: str, rng: random.Random) -> dict[str, Any]:
+    """One prompt row: `task`, chat `messages` (the user turn) and its `verifier` spec."""
+    text, spec = TASKS[task](rng)
+    return {"task": task, "messages": [{"role": "user", "content": text}], "verifier": spec}
+
+
+# --- the solver: spec -> a response scoring 1.0 ---------------------------------------------------------------
+
+
+def solve(spec: dict, rng: random.Random | None = None) -> str:
+    """A correct response for `spec`; `rng` varies the wording where the task leaves freedom."""
+    rng = rng or random.Random(0)
+    kind = spec["type"]
+    if kind == "number":
+        return str(spec["answer"])
+    if kind == "uppercase":
+        return spec["word"].upper()
+    if kind == "word_count":
+        head = ["I", "love"] + spec["topic"].split()
+        words = (head + rng.sample(FILLER, len(FILLER)))[: spec["n"]]
+        return " ".join(words).capitalize() + "."
+    if kind == "json_keys":
+        return json.dumps({k: rng.randint(1, 9) for k in spec["keys"]})
+    if kind == "list_n":
+        return "\n".join(f"- {item}" for item in rng.sample(CATEGORIES[spec["category"]], spec["n"]))
+    if kind == "include":
+        return f"I think about {spec['topic']} when I see a {spec['keyword']}."
+    raise ValueError(f"unknown verifier type {kind!r}; known: {sorted(VERIFIERS)}")

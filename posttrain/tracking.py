@@ -1,0 +1,67 @@
+"""MLflow: one run per stage execution, named after the stage, with flattened params, metrics and the git revision.
+
+The store is `common.mlflow_uri` (an embedded SQLite file by default). When a Prefect flow sets
+`MLFLOW_PARENT_RUN_ID`, stage runs nest under the flow's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain.config import Common, flatten, to_dict
+
+# MLflow caps param values (6000 chars in 3.x; 250 in old servers: transformers #9210); long ones go in the artifact.
+MAX_PARAM_LEN = 500
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolved_config(stage: str, common: Common, params: Any, paths: dict[str, str]) -> dict:
+    """What a stage ran with: its params, the common block, its paths and the code revision."""
+    return {"stage": stage, "common": to_dict(common), stage: to_dict(params), "paths": paths,
+            "git_revision": git_revision()}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, config: dict, uri: str, experiment: str) -> Iterator[Any]:
+    """Start an MLflow run named `stage`, log `config` as params and as `config.yaml`, yield the run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
+    tags = {"stage": stage, "git_revision": config.get("git_revision", "unknown")}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        flat = {k: str(v) for k, v in flatten({k: v for k, v in config.items() if k != "git_revision"}).items()}
+        mlflow.log_params({k: v[:MAX_PARAM_LEN] for k, v in flat.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "config.yaml"
+            p.write_text(yaml.safe_dump(config, sort_keys=False))
+            mlflow.log_artifact(str(p))
+        yield run
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    import mlflow
+
+    numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        mlflow.log_metrics(numeric, step=step)

@@ -1,0 +1,84 @@
+"""What the training stages share: TrainingArguments defaults per device, LoRA, resume, a NaN guard, saving.
+
+Checkpoints go to `<out>.ckpt/` beside the stage's output (not a DVC output): a re-run of an interrupted stage
+resumes from the last one, and a finished stage deletes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from posttrain import io, modeling
+
+
+@dataclass
+class LoraParams:
+    r: int = 16
+    """Rank; adapter size and capacity grow linearly with it."""
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+
+def lora_config(p: LoraParams):
+    from peft import LoraConfig
+
+    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def ckpt_dir(out: str | Path) -> Path:
+    return Path(f"{out}.ckpt")
+
+
+def resume_from(out: str | Path) -> str | None:
+    d = ckpt_dir(out)
+    return get_last_checkpoint(str(d)) if d.is_dir() else None
+
+
+def device_args(device: torch.device) -> dict:
+    """TRL 1.16 defaults to bf16 and gradient checkpointing: on CPU both make a step take minutes."""
+    cuda = device.type == "cuda"
+    return {"bf16": cuda, "gradient_checkpointing": False, "use_cpu": not cuda, "report_to": ["mlflow"],
+            "save_strategy": "steps", "save_total_limit": 1, "disable_tqdm": True, "dataloader_num_workers": 0}
+
+
+class StopOnNaN(TrainerCallback):
+    """Stop with a clear error when the logged loss is NaN or infinite; the last good checkpoint stays on disk."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {state.global_step}; the last good "
+                                     f"checkpoint is kept in {args.output_dir}")
+
+
+def save(model, out: str | Path, base: str | Path, parents: list[str | Path], resolved: dict) -> None:
+    """Write the trained adapter (or full model) with `chain.json` and the resolved params, atomically."""
+    out = Path(out)
+    with io.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if (tmp / "adapter_config.json").exists():
+            chain = {"base": str(base), "adapters": [str(p) for p in parents] + [str(out)]}
+            (tmp / "chain.json").write_text(json.dumps(chain, indent=2) + "\n")
+        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    shutil.rmtree(ckpt_dir(out), ignore_errors=True)
+
+
+def train_log(trainer) -> list[dict]:
+    return [r for r in trainer.state.log_history if "loss" in r]
+
+
+def policy_for_training(model_path: str | Path, device: torch.device, trust_remote_code: bool):
+    """Load a stage's input model merged (base + adapters), and the chain parents to record under a new adapter."""
+    base, adapters = modeling.model_chain(model_path)
+    return modeling.load_model(base, adapters, device, trust_remote_code), base, adapters

@@ -1,0 +1,86 @@
+"""evaluate: greedy answers of one model on the held-out prompts, scored by the gold verifiers.
+
+    dvc repro evaluate                 # every model in evaluate.models
+    python -m stages.evaluate --name sft --model models/sft --prompts data/prepare/eval.jsonl \
+        --out reports/evaluate/sft
+
+One DVC stage per model (`foreach` over `evaluate.models`), so a new DPO variant is evaluated without re-running
+the others. Writes `answers.jsonl` (id, task, response, score, passed) and `metrics.json`: gold pass rate (score
+1.0), mean gold score and response length, each with a 95% bootstrap interval. Win rates against a reference model
+are computed from these answers by `report`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from posttrain import cli, io, modeling, sampling, stats, tasks
+
+
+@dataclass
+class EvaluateParams:
+    models: dict[str, str] | None = None
+    """Name -> model folder; dvc.yaml makes one stage per entry (the stage itself reads only its own)."""
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    n_bootstrap: int = 1000
+    """Bootstrap resamples for the 95% intervals."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.n_bootstrap < 100:
+            raise ValueError("max_new_tokens and batch_size must be >= 1, n_bootstrap >= 100")
+
+
+def summarise(answers: list[dict], n_boot: int, seed: int) -> dict:
+    passed = [float(a["passed"]) for a in answers]
+    scores = [a["score"] for a in answers]
+    lengths = [a["length"] for a in answers]
+    out = {"n": len(answers), "pass_rate": sum(passed) / len(passed), "pass_rate_ci": stats.bootstrap_ci(passed, n_boot, seed),
+           "mean_score": sum(scores) / len(scores), "mean_score_ci": stats.bootstrap_ci(scores, n_boot, seed),
+           "mean_length": sum(lengths) / len(lengths)}
+    by_task = defaultdict(list)
+    for a in answers:
+        by_task[a["task"]].append(float(a["passed"]))
+    out["pass_rate_by_task"] = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+    return out
+
+
+def run(common, params: EvaluateParams, args) -> dict:
+    prompts = io.read_jsonl(args.prompts, "prompts")
+    missing = [i for i, p in enumerate(prompts, start=1) if p["verifier"] is None]
+    if missing:
+        raise io.InputError(f"{args.prompts}: row {missing[0]}: field 'verifier': null; evaluation needs gold "
+                            "verifiers")
+    device = modeling.device_for(common.device)
+    base, _ = modeling.model_chain(args.model)
+    tok = modeling.load_tokenizer(base)
+    modeling.check_template(tok)
+    model = modeling.load_chain(args.model, device, common.trust_remote_code)
+    responses = sampling.sample_hf(model, tok, [p["messages"] for p in prompts], n=1, temperature=0.0,
+                                   max_new_tokens=params.max_new_tokens, batch_size=params.batch_size,
+                                   seed=common.seed)
+    answers = []
+    for p, (r,) in zip(prompts, responses, strict=True):
+        s = tasks.score(p["verifier"], r)
+        answers.append({"id": p["id"], "task": p["task"], "response": r, "score": s, "passed": s == 1.0,
+                        "length": len(tok(r, add_special_tokens=False).input_ids)})
+    metrics = summarise(answers, params.n_bootstrap, common.seed)
+    with io.atomic_dir(args.out) as tmp:
+        io.write_jsonl(tmp / "answers.jsonl", answers)
+        io.write_json(tmp / "metrics.json", metrics)
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = cli.parser(__doc__)
+    p.add_argument("--name", required=True, help="the model's name in evaluate.models")
+    p.add_argument("--model", required=True, help="checkpoint or adapter chain")
+    p.add_argument("--prompts", required=True, help="held-out prompts (JSONL, schema `prompts`)")
+    p.add_argument("--out", required=True, help="output folder: answers.jsonl, metrics.json")
+    args = p.parse_args(argv)
+    return cli.execute("evaluate", EvaluateParams, args, run, run_name=f"evaluate@{args.name}")
+
+
+if __name__ == "__main__":
+    main()

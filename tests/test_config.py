@@ -1,0 +1,98 @@
+"""Every params block parses into its stage's dataclass; dvc.yaml names only keys that exist; bad params fail."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain import config
+from stages import dpo
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = [ROOT / "params.yaml", ROOT / "profiles" / "tiny.yaml"]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def params_class(stage: str) -> type:
+    return getattr(importlib.import_module(f"stages.{stage}"), f"{stage.capitalize()}Params")
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_every_block_parses(path):
+    data = config.read_yaml(path)
+    assert set(data) == {"common"} | set(DVC["stages"]), "one params block per dvc.yaml stage, plus common"
+    for stage in DVC["stages"]:
+        config.load(params_class(stage), stage, path)
+    _, dpo_params = config.load(dpo.DpoParams, "dpo", path)
+    for variant in dpo_params.variants:
+        dpo.resolve(dpo_params, variant, str(path))
+
+
+def _lookup(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, f"params key {dotted!r} does not exist"
+        node = node[part]
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_dvc_params_keys_exist(path):
+    data = config.read_yaml(path)
+    for name, stage in DVC["stages"].items():
+        if "foreach" in stage:
+            items = _resolve_ref(data, stage["foreach"])
+            for key in items:
+                for p in stage["do"].get("params", []):
+                    _lookup(data, p.replace("${key}", key))
+        else:
+            for p in stage.get("params", []):
+                _lookup(data, p)
+        assert (ROOT / "stages" / f"{name}.py").exists(), f"stage {name} has no module stages/{name}.py"
+
+
+def _resolve_ref(data, ref: str):
+    node = data
+    for part in ref.strip("${}").split("."):
+        node = node[part]
+    return node
+
+
+BAD = [
+    ({"dpo": {"defaults": {"beta": -0.1}}}, r"dpo.*beta must be > 0"),
+    ({"dpo": {"defaults": {"learning_rate": 0}}}, r"learning_rate must be > 0"),
+    ({"dpo": {"defaults": {"loss": "nope"}}}, r"dpo.defaults.loss: 'nope' is not one of"),
+    ({"dpo": {"defaults": {"betta": 0.1}}}, r"dpo.defaults: unknown key\(s\) \['betta'\]"),
+    ({"sft": {"epochs": "two"}}, r"sft.epochs: expected float, got str"),
+    ({"sft": {"lora": "yes"}}, r"sft.lora: expected bool"),
+    ({"generate": {"n_samples": 1}}, r"n_samples must be >= 2"),
+    ({"label": {"margin": 2.0}}, r"margin must be in \[0, 1\]"),
+    ({"prepare": {"task_mix": {"poetry": 1.0}}}, r"unknown task\(s\) \['poetry'\]"),
+    ({"common": {"device": "tpu"}}, r"common.device: 'tpu' is not one of"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD)
+def test_bad_params_fail_with_the_key_path(tmp_path, override, message):
+    data = config.read_yaml(ROOT / "profiles" / "tiny.yaml")
+    for block, values in override.items():
+        for k, v in values.items():
+            if isinstance(v, dict) and isinstance(data[block].get(k), dict):
+                data[block][k] = {**data[block][k], **v}
+            else:
+                data[block][k] = v
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    stage = next(b for b in override if b != "common") if set(override) != {"common"} else "label"
+    with pytest.raises(config.ParamsError, match=message) as err:
+        _, params = config.load(params_class(stage), stage, path)
+        if stage == "dpo":
+            dpo.resolve(params, "dpo", str(path))
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_params_file_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("common: [unclosed")
+    with pytest.raises(config.ParamsError, match=f"{path}: not valid YAML"):
+        config.read_yaml(path)

@@ -1,0 +1,85 @@
+"""Bad input files: each gets an error naming the file, the row and the field; legal-but-useless rows are counted."""
+
+import json
+
+import pytest
+
+from posttrain import io
+from stages import label
+
+GOOD_PROMPT = {"id": "a", "task": "add", "messages": [{"role": "user", "content": "1+1?"}],
+               "verifier": {"type": "number", "answer": 2}}
+GOOD_PAIR = {"id": "a", "prompt": [{"role": "user", "content": "1+1?"}], "chosen": "2", "rejected": "3"}
+
+
+def _line(obj) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+BAD = [
+    # (schema, file bytes, expected message after the path)
+    ("prompts", b"", r"empty file"),
+    ("prompts", b"\n\n", r"empty file"),
+    ("prompts", _line(GOOD_PROMPT) + b"{not json}\n", r"row 2: malformed JSON"),
+    ("prompts", _line(GOOD_PROMPT) + b"\xff\xfe\n", r"row 2: not valid UTF-8"),
+    ("prompts", b"[1, 2]\n", r"row 1: expected a JSON object, got list"),
+    ("prompts", _line({k: v for k, v in GOOD_PROMPT.items() if k != "messages"}), r"row 1: field 'messages': missing"),
+    ("prompts", _line(GOOD_PROMPT | {"messages": "hi"}), r"row 1: field 'messages': expected a non-empty list"),
+    ("prompts", _line(GOOD_PROMPT | {"messages": []}), r"row 1: field 'messages': expected a non-empty list"),
+    ("prompts", _line(GOOD_PROMPT | {"messages": [{"role": "user"}]}), r"row 1: field 'messages': message 0"),
+    ("prompts", _line(GOOD_PROMPT | {"messages": [{"role": "robot", "content": "x"}]}), r"row 1: field 'messages': message 0: unknown role 'robot'"),
+    ("prompts", _line(GOOD_PROMPT | {"verifier": [1]}), r"row 1: field 'verifier': expected a mapping"),
+    ("prompts", _line(GOOD_PROMPT | {"id": ""}), r"row 1: field 'id': empty string"),
+    ("prompts", _line(GOOD_PROMPT | {"id": 7}), r"row 1: field 'id': expected a string, got int"),
+    ("prefs", _line(GOOD_PAIR | {"chosen": ""}), r"row 1: field 'chosen': empty string"),
+    ("prefs", _line(GOOD_PAIR | {"rejected": None}), r"row 1: field 'rejected': expected a string, got NoneType"),
+    ("prefs", _line(GOOD_PAIR) + _line({k: v for k, v in GOOD_PAIR.items() if k != "prompt"}),
+     r"row 2: field 'prompt': missing"),
+    ("samples", _line(GOOD_PROMPT | {"samples": []}), r"row 1: field 'samples': expected a non-empty list"),
+    ("samples", _line(GOOD_PROMPT | {"samples": ["a", 3]}), r"row 1: field 'samples': items \[1\] are not strings"),
+    ("sft", _line({"id": "x", "messages": [{"role": "user", "content": 5}]}), r"row 1: field 'messages': message 0"),
+    ("prompts", _line(GOOD_PROMPT) + b'{"id": "' + b"x" * 10_000_000 + b"\n", r"row 2: malformed JSON"),
+]
+
+
+@pytest.mark.parametrize(("schema", "content", "message"), BAD)
+def test_bad_file_is_named_with_row_and_field(tmp_path, schema, content, message):
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(io.InputError, match=rf"^{path}: {message}"):
+        io.read_jsonl(path, schema)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(io.InputError, match="file not found"):
+        io.read_jsonl(tmp_path / "nope.jsonl", "prompts")
+
+
+def test_label_counts_every_drop():
+    row = GOOD_PROMPT | {"id": "r1"}
+    rows = [
+        row | {"samples": ["2", "3", "2"]},  # a pair: "2" (1.0) vs "3" (0.5 * (1 - 1/2) = 0.25)
+        row | {"id": "r2", "samples": ["5", "6"]},  # duplicate prompt text
+        row | {"id": "r3", "messages": [{"role": "user", "content": "2+2?"}],
+               "verifier": {"type": "number", "answer": 4}, "samples": ["4", "4", " "]},  # tie + an empty response
+        row | {"id": "r4", "messages": [{"role": "user", "content": "3+3?"}],
+               "verifier": {"type": "number", "answer": 6}, "samples": ["", "6"]},  # one non-empty response left
+    ]
+    pairs, dropped = label.make_pairs(rows, margin=0.5, source="samples.jsonl")
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("r1", "2", "3")]
+    assert pairs[0]["rejected_score"] == pytest.approx(0.25)
+    assert dropped == {"duplicate_prompt": 1, "tie": 1, "empty_response": 2, "fewer_than_two_responses": 1}
+
+
+def test_label_names_a_bad_verifier():
+    rows = [GOOD_PROMPT | {"verifier": {"type": "number"}, "samples": ["1", "2"]}]
+    with pytest.raises(io.InputError, match=r"samples.jsonl: row 1: field 'verifier': KeyError"):
+        label.make_pairs(rows, margin=0.5, source="samples.jsonl")
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), io.atomic_dir(out) as tmp:
+        (tmp / "half.jsonl").write_text("{}")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,164 @@
+"""Every stage on the tiny profile, called through `main([...])` into a scratch dir, in DAG order."""
+
+import json
+
+import mlflow
+import pytest
+from safetensors.torch import load_file
+
+from posttrain import io, modeling, tasks
+from stages import dpo, evaluate, generate, label, prepare, report, sft
+
+
+@pytest.fixture(scope="module")
+def pipeline(workdir):
+    """Run prepare -> sft -> generate -> label -> dpo -> evaluate (x3) -> report once for the module."""
+    w, p = workdir, str(workdir / "params.yaml")
+    out = {"params": p, "dir": w}
+    out["prepare"] = prepare.main(["--params", p, "--out", str(w / "data/prepare")])
+    out["sft"] = sft.main(["--params", p, "--model", str(w / "models/base"), "--data", str(w / "data/prepare/sft.jsonl"),
+                           "--out", str(w / "models/sft")])
+    out["generate"] = generate.main(["--params", p, "--model", str(w / "models/sft"), "--prompts",
+                                     str(w / "data/prepare/train.jsonl"), "--out", str(w / "data/samples.jsonl")])
+    # the random tiny model rarely answers right: label with margin 0 so pairs exist (any score gap counts)
+    out["label"] = label.main(["--params", p, "--samples", str(w / "data/samples.jsonl"), "--out", str(w / "data/label")])
+    out["dpo"] = dpo.main(["--params", p, "--variant", "dpo", "--model", str(w / "models/sft"), "--prefs",
+                           str(w / "data/label/prefs.jsonl"), "--out", str(w / "models/dpo/dpo")])
+    for name, model in (("base", "models/base"), ("sft", "models/sft"), ("dpo", "models/dpo/dpo")):
+        out[f"evaluate@{name}"] = evaluate.main(["--params", p, "--name", name, "--model", str(w / model), "--prompts",
+                                                 str(w / "data/prepare/eval.jsonl"), "--out",
+                                                 str(w / "reports/evaluate" / name)])
+    out["report"] = report.main(["--params", p, "--evals", str(w / "reports/evaluate"), "--out", str(w / "reports")])
+    return out
+
+
+def test_prepare_splits_are_disjoint_and_demos_correct(pipeline):
+    d = pipeline["dir"] / "data/prepare"
+    assert sorted(f.name for f in d.iterdir()) == ["eval.jsonl", "sft.jsonl", "stats.json", "train.jsonl"]
+    train, ev = io.read_jsonl(d / "train.jsonl", "prompts"), io.read_jsonl(d / "eval.jsonl", "prompts")
+    demos = io.read_jsonl(d / "sft.jsonl", "sft")
+    assert (len(train), len(ev), len(demos)) == (12, 10, 12)
+    texts = [r["messages"][0]["content"] for r in train + ev] + [r["messages"][0]["content"] for r in demos]
+    assert len(set(texts)) == len(texts), "a prompt appears in two splits"
+    assert {r["task"] for r in train + ev} <= {"add", "word_count", "include"}
+    # demos are the solver's: each scores 1.0 under the verifier of the prompt it answers
+    assert all(tasks.score(r["verifier"], r["messages"][-1]["content"]) == 1.0 for r in demos)
+    assert pipeline["prepare"] == {"n_train": 12, "n_eval": 10, "n_sft": 12}
+
+
+def test_prepare_is_deterministic(workdir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        prepare.main(["--params", str(workdir / "params.yaml"), "--out", str(out)])
+    for name in ("train.jsonl", "eval.jsonl", "sft.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def _lora_b_norm(path) -> float:
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    return sum(float(v.norm()) for k, v in weights.items() if "lora_B" in k)
+
+
+def test_sft_trains_an_adapter(pipeline):
+    out = pipeline["dir"] / "models/sft"
+    assert {"adapter_model.safetensors", "adapter_config.json", "chain.json", "hyperparameters.yaml"} <= {
+        f.name for f in out.iterdir()}
+    # LoRA B starts at zero: a non-zero B means the optimiser moved the parameters
+    assert _lora_b_norm(out) > 0
+    assert json.loads((out / "chain.json").read_text())["adapters"] == [str(out)]
+    assert pipeline["sft"]["steps"] == 3  # 12 demos / batch 4 * 1 epoch
+    assert not (pipeline["dir"] / "models/sft.ckpt").exists(), "checkpoints are removed after a finished run"
+
+
+def test_generate_and_label(pipeline):
+    rows = io.read_jsonl(pipeline["dir"] / "data/samples.jsonl", "samples")
+    assert len(rows) == 12 and all(len(r["samples"]) == 4 for r in rows)
+    pairs = io.read_jsonl(pipeline["dir"] / "data/label/prefs.jsonl", "prefs")
+    stats = json.loads((pipeline["dir"] / "data/label/stats.json").read_text())
+    assert stats["pairs"] == len(pairs) == pipeline["label"]["pairs"]
+    assert stats["pairs"] + sum(v for k, v in stats["dropped"].items() if k != "empty_response") == 12
+    for p in pairs:
+        assert p["chosen_score"] > p["rejected_score"] and p["chosen"] != p["rejected"]
+
+
+def test_dpo_changes_the_policy(pipeline):
+    out = pipeline["dir"] / "models/dpo/dpo"
+    assert _lora_b_norm(out) > 0
+    chain = json.loads((out / "chain.json").read_text())
+    assert chain["adapters"] == [str(pipeline["dir"] / "models/sft"), str(out)]
+    sft_model = modeling.load_chain(pipeline["dir"] / "models/sft")
+    dpo_model = modeling.load_chain(out)
+    diffs = [float((a - b).abs().max()) for a, b in zip(sft_model.parameters(), dpo_model.parameters(), strict=True)]
+    assert max(diffs) > 0
+    assert "final_logps_chosen" in pipeline["dpo"] and "final_logps_rejected" in pipeline["dpo"]
+
+
+def test_evaluate_and_report(pipeline):
+    w = pipeline["dir"]
+    for name in ("base", "sft", "dpo"):
+        answers = io.read_jsonl(w / f"reports/evaluate/{name}/answers.jsonl", "answers")
+        metrics = json.loads((w / f"reports/evaluate/{name}/metrics.json").read_text())
+        assert metrics["n"] == len(answers) == 10
+        assert metrics["pass_rate"] == sum(a["passed"] for a in answers) / 10
+        lo, hi = metrics["pass_rate_ci"]
+        assert lo <= metrics["pass_rate"] <= hi
+    table = json.loads((w / "reports/metrics.json").read_text())
+    assert set(table) == {"base", "sft", "dpo"}
+    assert table["sft"]["win_rate_vs_sft"] == 0.5  # against itself every prompt ties
+    text = (w / "reports/report.md").read_text()
+    assert [ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| ") and "model" not in ln] == [
+        "base", "sft", "dpo"]
+    assert (w / "reports/scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_mlflow_run_per_stage(pipeline):
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline['dir'] / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["posttrain"])
+    names = set(runs["tags.mlflow.runName"])
+    assert {"base", "prepare", "sft", "generate", "label", "dpo@dpo", "evaluate@base", "evaluate@sft",
+            "evaluate@dpo", "report"} <= names
+    sft_run = runs[runs["tags.mlflow.runName"] == "sft"].iloc[0]
+    assert sft_run["params.sft.learning_rate"] == "0.001"
+    assert sft_run["metrics.train_loss"] > 0
+    assert sft_run["tags.git_revision"]
+
+
+def test_win_rate_counts_ties_as_half():
+    from posttrain import stats
+
+    assert stats.win_values([1.0, 0.5, 0.0], [0.5, 0.5, 1.0]) == [1.0, 0.5, 0.0]
+    lo, hi = stats.bootstrap_ci([1.0] * 10)
+    assert lo == hi == 1.0
+
+
+def test_template_check_catches_double_bos_and_missing_eos(workdir):
+    tok = modeling.load_tokenizer(workdir / "models/base")
+    modeling.check_template(tok)  # the shipped SmolLM2 template is fine
+    good = tok.chat_template
+    tok.chat_template = "{{ bos_token }}" + good.replace("{% for message", "{{ bos_token }}{% for message", 1)
+    with pytest.raises(modeling.TemplateError, match="double BOS"):
+        modeling.check_template(tok)
+    tok.chat_template = good.replace("'<|im_end|>' + '\n'", "'\n'")
+    with pytest.raises(modeling.TemplateError, match="not closed by EOS"):
+        modeling.check_template(tok)
+
+
+def test_prepare_rejects_a_bad_user_file(workdir, tmp_path):
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": None}]}) + "\n")
+    from tests.conftest import tiny_params
+
+    params = tiny_params(tmp_path, prepare={"source": str(bad)})
+    with pytest.raises(SystemExit, match=rf"{bad}: row 2: field 'messages': message 0"):
+        prepare.main(["--params", str(params), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_rejects_a_bad_samples_file(workdir, tmp_path):
+    bad = tmp_path / "samples.jsonl"
+    bad.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "1+1?"}], "verifier": None,
+                               "samples": ["2", ""]}) + "\n")
+    with pytest.raises(SystemExit, match=rf"{bad}: row 1: field 'verifier': null"):
+        label.main(["--params", str(workdir / "params.yaml"), "--samples", str(bad), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
