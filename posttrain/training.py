@@ -62,16 +62,33 @@ class StopOnNaN(TrainerCallback):
                                      f"checkpoint is kept in {args.output_dir}")
 
 
-def save(model, out: str | Path, base: str | Path, parents: list[str | Path], resolved: dict) -> None:
-    """Write the trained adapter (or full model) with `chain.json` and the resolved params, atomically."""
+def save(model, out: str | Path, base: str | Path, parents: list[str | Path], resolved: dict,
+         extra: dict[str, str] | None = None) -> None:
+    """Write the trained adapter (or full model) with the resolved params, atomically.
+
+    A causal-LM adapter gets `chain.json` (base + adapters to merge in order); `extra` names other files to add
+    (a token reward model writes `backbone.json` instead of a chain).
+    """
     out = Path(out)
     with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if (tmp / "adapter_config.json").exists():
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        if (tmp / "adapter_config.json").exists() and not extra:
             chain = {"base": str(base), "adapters": [str(p) for p in parents] + [str(out)]}
             (tmp / "chain.json").write_text(json.dumps(chain, indent=2) + "\n")
         (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     shutil.rmtree(ckpt_dir(out), ignore_errors=True)
+    _log_model(out)
+
+
+def _log_model(out: Path, limit_mb: int = 100) -> None:
+    """Log a small trained model (an adapter) to the active MLflow run; a full checkpoint stays a DVC output."""
+    import mlflow
+
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    if mlflow.active_run() is not None and size < limit_mb * 2**20:
+        mlflow.log_artifacts(str(out), artifact_path="model")
 
 
 def train_log(trainer) -> list[dict]:

@@ -1,34 +1,44 @@
 """dpo: preference optimisation of the SFT policy, one DVC stage per variant (`foreach` over `dpo.variants`).
 
     dvc repro dpo                      # every variant
-    dvc repro dpo@dpo                  # one variant
-    python -m stages.dpo --variant dpo --model models/sft --prefs data/label/prefs.jsonl --out models/dpo/dpo
+    dvc repro dpo@tgdpo                # one variant
+    python -m stages.dpo --variant dpo --model models/sft --prefs data/label/prefs.jsonl \
+        --reference data/reference --guidance data/reference --out models/dpo/dpo
 
-Each variant is `dpo.defaults` overridden by its row in `dpo.variants`. Training is TRL's DPOTrainer with the
-reference log-probs precomputed once before the first step; the policy starts from the SFT model, which is also
-the reference (a fresh LoRA adapter on the merged SFT weights: disabling it gives the reference back).
+Each variant is `dpo.defaults` overridden by its row in `dpo.variants`; `loss` names a function of
+`posttrain.losses.LOSSES` (dpo, tgdpo, ipo, simpo, orpo, kto). Training is TRL's DPOTrainer subclassed in
+`posttrain.preference` (only the loss is replaced); the reference per-token log-probs come from the `reference`
+stage's cache and TGDPO's token guidance from `--guidance` (a `guidance` stage's folder; other losses ignore it).
+The policy is a fresh LoRA adapter on the merged SFT weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
 
-from posttrain import cli, config, io, modeling, training
-
-LOSS_TYPES = {"dpo": ["sigmoid"]}
+from posttrain import cli, config, io, losses, modeling, preference, training
 
 
 @dataclass
 class VariantParams:
-    loss: Literal["dpo"] = "dpo"
+    loss: str = "dpo"
+    """A key of posttrain.losses.LOSSES."""
+    guidance: str = "data/reference"
+    """TGDPO only: the guidance stage folder holding rhat.jsonl (dvc.yaml passes it; other losses ignore it)."""
     beta: float = 0.1
-    """KL strength: higher keeps the policy nearer the reference."""
+    """KL strength (DPO/TGDPO/KTO), 1/(2 tau) target (IPO), reward scale (SimPO), lambda (ORPO)."""
+    alpha: float = 0.5
+    """TGDPO: how strongly token guidance reshapes each token's beta; 0 is DPO exactly."""
+    gamma: float = 0.5
+    """SimPO: target reward margin."""
+    length_normalize: bool = True
+    """SimPO: average the log-prob over tokens."""
     sft_weight: float = 0.0
     """Weight of an NLL term on the chosen responses (RPO); > 0 counters likelihood displacement."""
     learning_rate: float = 5e-5
-    epochs: float = 2.0
+    epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
     lora: bool = True
@@ -37,8 +47,12 @@ class VariantParams:
     logging_steps: int = 5
 
     def __post_init__(self) -> None:
+        if self.loss not in losses.LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not one of {sorted(losses.LOSSES)}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.alpha <= 10:
+            raise ValueError(f"alpha must be in [0, 10], got {self.alpha}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.sft_weight < 0:
@@ -59,41 +73,60 @@ def resolve(params: DpoParams, variant: str, where: str) -> VariantParams:
     return config.parse(VariantParams, merged, f"{where}: dpo.variants.{variant}")
 
 
-def to_trl_rows(pairs: list[dict]) -> list[dict]:
-    return [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+def build_dataset(tok, pairs: list[dict], params: VariantParams, max_len: int, reference: Path, guidance: Path,
+                  source: str):
+    """Encoded pairs with their cached per-token reference log-probs (and r_hat for TGDPO) as columns."""
+    from datasets import Dataset
+
+    rows, too_long = preference.encoded_rows(tok, pairs, max_len, source)
+    ref = preference.read_token_values(reference / "logps.jsonl")
+    rhat = preference.read_token_values(guidance / "rhat.jsonl") if params.loss == "tgdpo" else None
+    data = []
+    for r in rows:
+        if r["id"] not in ref or (rhat is not None and r["id"] not in rhat):
+            raise io.InputError(f"{reference}: no cached values for pair id {r['id']!r}: re-run the reference and "
+                                "guidance stages on this prefs file")
+        row = r | {"ref_chosen_tok": ref[r["id"]]["chosen"], "ref_rejected_tok": ref[r["id"]]["rejected"]}
+        if rhat is not None:
+            row |= {"rhat_chosen_tok": rhat[r["id"]]["chosen"], "rhat_rejected_tok": rhat[r["id"]]["rejected"]}
+        data.append(row)
+    return Dataset.from_list(data), too_long
+
+
+def make_trainer(model, tok, dataset, params: VariantParams, common, device, output_dir: str):
+    from trl import DPOConfig
+
+    cfg = DPOConfig(
+        output_dir=output_dir, learning_rate=params.learning_rate, beta=params.beta,
+        num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum, max_length=common.max_len, logging_steps=params.logging_steps,
+        save_steps=params.save_steps, seed=common.seed, lr_scheduler_type="cosine", remove_unused_columns=False,
+        **training.device_args(device))
+    kwargs = {k: getattr(params, k) for k in ("beta", "alpha", "gamma", "length_normalize")}
+    return preference.PreferenceTrainer(
+        model=model, args=cfg, train_dataset=dataset, processing_class=tok,
+        data_collator=preference.TokenCollator(pad_token_id=tok.pad_token_id, max_length=common.max_len),
+        peft_config=training.lora_config(params.lora_params) if params.lora else None,
+        callbacks=[training.StopOnNaN()], loss=params.loss, loss_kwargs=kwargs, sft_weight=params.sft_weight)
 
 
 def run(common, params: VariantParams, args) -> dict:
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
     pairs = io.read_jsonl(args.prefs, "prefs")
     device = modeling.device_for(common.device)
     model, base, parents = training.policy_for_training(args.model, device, common.trust_remote_code)
     tok = modeling.load_tokenizer(base, padding_side="right")
     modeling.check_template(tok)
-    losses = LOSS_TYPES[params.loss] + (["sft"] if params.sft_weight > 0 else [])
-    weights = [1.0] + ([params.sft_weight] if params.sft_weight > 0 else [])
-    cfg = DPOConfig(
-        output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate, beta=params.beta,
-        loss_type=losses, loss_weights=weights, num_train_epochs=params.epochs,
-        per_device_train_batch_size=params.batch_size, gradient_accumulation_steps=params.grad_accum,
-        max_length=common.max_len, precompute_ref_log_probs=True, logging_steps=params.logging_steps,
-        save_steps=params.save_steps, seed=common.seed, lr_scheduler_type="cosine",
-        **training.device_args(device))
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(to_trl_rows(pairs)),
-                         processing_class=tok,
-                         peft_config=training.lora_config(params.lora_params) if params.lora else None,
-                         callbacks=[training.StopOnNaN()])
+    dataset, too_long = build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
+                                      Path(args.guidance), args.prefs)
+    trainer = make_trainer(model, tok, dataset, params, common, device, str(training.ckpt_dir(args.out)))
     result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
     training.save(trainer.model, args.out, base, parents,
                   {"dpo": config.to_dict(params), "variant": args.variant, "common": config.to_dict(common)})
-    last = training.train_log(trainer)[-1] if training.train_log(trainer) else {}
+    log = training.train_log(trainer)
     keep = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-    return {"train_loss": result.training_loss, "pairs": len(pairs), "steps": result.global_step,
-            "train_runtime_s": result.metrics.get("train_runtime", 0.0)} | {
-        f"final_{k.replace('/', '_')}": last[k] for k in keep if k in last}
+    return {"train_loss": result.training_loss, "pairs": len(dataset), "dropped_too_long": too_long,
+            "steps": result.global_step, "train_runtime_s": result.metrics.get("train_runtime", 0.0)} | {
+        f"final_{k.replace('/', '_')}": log[-1][k] for k in keep if log and k in log[-1]}
 
 
 def _block(args):
@@ -106,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variant", required=True, help="a key of dpo.variants")
     p.add_argument("--model", required=True, help="policy to start from (and reference): checkpoint or chain")
     p.add_argument("--prefs", required=True, help="preference pairs (JSONL, schema `prefs`)")
+    p.add_argument("--reference", required=True, help="the reference stage's folder (logps.jsonl)")
+    p.add_argument("--guidance", required=True, help="TGDPO: a guidance stage's folder (rhat.jsonl)")
     p.add_argument("--out", required=True, help="output adapter / checkpoint folder")
     args = p.parse_args(argv)
     return cli.execute("dpo", VariantParams, args, run, run_name=f"dpo@{args.variant}", block=_block)

@@ -15,7 +15,8 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
 def params_class(stage: str) -> type:
-    return getattr(importlib.import_module(f"stages.{stage}"), f"{stage.capitalize()}Params")
+    name = "".join(part.capitalize() for part in stage.split("_")) + "Params"
+    return getattr(importlib.import_module(f"stages.{stage}"), name)
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
@@ -61,7 +62,7 @@ def _resolve_ref(data, ref: str):
 BAD = [
     ({"dpo": {"defaults": {"beta": -0.1}}}, r"dpo.*beta must be > 0"),
     ({"dpo": {"defaults": {"learning_rate": 0}}}, r"learning_rate must be > 0"),
-    ({"dpo": {"defaults": {"loss": "nope"}}}, r"dpo.defaults.loss: 'nope' is not one of"),
+    ({"dpo": {"defaults": {"loss": "nope"}}}, r"dpo.defaults: loss 'nope' is not one of \['dpo', 'ipo', 'kto', 'orpo', 'simpo', 'tgdpo'\]"),
     ({"dpo": {"defaults": {"betta": 0.1}}}, r"dpo.defaults: unknown key\(s\) \['betta'\]"),
     ({"sft": {"epochs": "two"}}, r"sft.epochs: expected float, got str"),
     ({"sft": {"lora": "yes"}}, r"sft.lora: expected bool"),

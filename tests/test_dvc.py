@@ -1,9 +1,9 @@
-"""`dvc repro` on the tiny profile end to end, in a fresh git + DVC repo: every output, no-op re-run, and
-an `evaluate` param change re-running only `evaluate@*` and `report`."""
+"""`dvc repro` on the tiny profile end to end in a fresh git + DVC repo, then the Prefect recipe flow over it."""
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -13,10 +13,16 @@ import mlflow
 import pytest
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"prepare", "base", "sft", "generate", "label", "reference", "token_reward", "guidance@token_reward",
+          "dpo@dpo", "dpo@tgdpo_token", "evaluate@base", "evaluate@sft", "evaluate@dpo", "evaluate@tgdpo_token",
+          "report"}
+pytestmark = pytest.mark.slow
+
 
 def _run(cmd: list[str], cwd: Path) -> str:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -25,35 +31,75 @@ def _ran(log: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", log))
 
 
-@pytest.mark.slow
-def test_dvc_repro_tiny_end_to_end(clean_copy):
-    repo = clean_copy
-    dvc = [sys.executable, "-m", "dvc"]
-    _run(["git", "init", "-q"], repo)
-    _run(dvc + ["init", "-q"], repo)
-    log = _run(dvc + ["repro"], repo)
-    stages = {"prepare", "base", "sft", "generate", "label", "dpo@dpo", "evaluate@base", "evaluate@sft",
-              "evaluate@dpo", "report"}
-    assert _ran(log) == stages
-    table = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(table) == {"base", "sft", "dpo"}
-    assert (repo / "reports/report.md").exists() and (repo / "reports/scores.png").exists()
-    assert (repo / "models/dpo/dpo/adapter_model.safetensors").exists()
+DVC = [sys.executable, "-m", "dvc"]
 
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A copy of the pipeline with the tiny profile as params.yaml, reproduced once."""
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("stages", "posttrain", "profiles", "flows"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
+    _run(["git", "init", "-q"], repo)
+    _run(DVC + ["init", "-q"], repo)
+    log = _run(DVC + ["repro"], repo)
+    return repo, log
+
+
+def test_first_repro_runs_every_stage(repo):
+    repo, log = repo
+    assert _ran(log) == STAGES
+    table = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(table) == {"base", "sft", "dpo", "tgdpo_token"}
+    assert (repo / "reports/report.md").exists() and (repo / "reports/scores.png").exists()
+    assert (repo / "models/dpo/tgdpo_token/adapter_model.safetensors").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["posttrain"])
+    assert set(runs["tags.mlflow.runName"]) == STAGES  # one MLflow run per stage execution
+
+
+def test_unchanged_repro_runs_nothing_quickly(repo):
+    repo, _ = repo
     t0 = time.perf_counter()
-    log = _run(dvc + ["repro"], repo)
-    assert _ran(log) == set(), "nothing changed, nothing may run"
+    assert _ran(_run(DVC + ["repro"], repo)) == set()
     assert time.perf_counter() - t0 < 15
 
+
+def test_evaluate_param_reruns_only_evaluate_and_report(repo):
+    repo, _ = repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["evaluate"]["n_bootstrap"] = 300  # changes every metrics.json, so report must follow
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    log = _run(dvc + ["repro"], repo)
-    assert _ran(log) == {"evaluate@base", "evaluate@sft", "evaluate@dpo", "report"}
+    log = _run(DVC + ["repro"], repo)
+    assert _ran(log) == {"evaluate@base", "evaluate@sft", "evaluate@dpo", "evaluate@tgdpo_token", "report"}
+    assert "pass_rate" in _run(DVC + ["metrics", "show", "--json"], repo)
 
-    metrics = _run(dvc + ["metrics", "show", "--json"], repo)
-    assert "pass_rate" in metrics
+
+def test_recipe_flow_follows_dvc(repo):
+    """The flow runs every stage in DAG order, lets DVC skip unchanged ones, nests MLflow runs, and publishes."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    repo, _ = repo
+    sys.path.insert(0, str(repo))
+    from flows.recipe import recipe, stage_order
+
+    order = stage_order(repo)
+    assert set(order) == STAGES
+    for before, after in [("prepare", "sft"), ("reference", "dpo@dpo"), ("guidance@token_reward", "dpo@tgdpo_token"),
+                          ("evaluate@dpo", "report")]:
+        assert order.index(before) < order.index(after)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["report"]["reference"] = "base"  # only the report must re-run
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    with prefect_test_harness():
+        outcome = recipe(repo_dir=str(repo))
+    assert {s for s, o in outcome.items() if o == "ran"} == {"report"}
+    assert "win_rate_vs_base" in json.loads((repo / "reports/metrics.json").read_text())["sft"]
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["posttrain"])
-    assert set(runs["tags.mlflow.runName"]) == stages
-    assert (runs["tags.mlflow.runName"] == "report").sum() == 2  # the report ran twice
+    parent = runs[runs["tags.mlflow.runName"] == "recipe"].iloc[0]["run_id"]
+    nested = runs[runs["tags.mlflow.parentRunId"] == parent]
+    assert list(nested["tags.mlflow.runName"]) == ["report"]

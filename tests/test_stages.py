@@ -4,31 +4,57 @@ import json
 
 import mlflow
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from posttrain import io, modeling, tasks
-from stages import dpo, evaluate, generate, label, prepare, report, sft
+from stages import dpo, evaluate, generate, guidance, label, prepare, reference, report, sft, token_reward
+from tests.conftest import tiny_params
+
+VARIANTS = {
+    "dpo": {"loss": "dpo", "guidance": "data/reference"},
+    "tgdpo": {"loss": "tgdpo", "guidance": "data/guidance/dpo"},
+    "tgdpo_token": {"loss": "tgdpo", "guidance": "data/guidance/token_reward"},
+    "ipo": {"loss": "ipo", "guidance": "data/reference"},
+    "simpo": {"loss": "simpo", "guidance": "data/reference", "beta": 2.0},
+    "orpo": {"loss": "orpo", "guidance": "data/reference"},
+    "kto": {"loss": "kto", "guidance": "data/reference"},
+}
+SOURCES = {"dpo": {"kind": "dpo", "model": "models/dpo/dpo"},
+           "token_reward": {"kind": "token_reward", "model": "models/token_reward"}}
 
 
 @pytest.fixture(scope="module")
 def pipeline(workdir):
-    """Run prepare -> sft -> generate -> label -> dpo -> evaluate (x3) -> report once for the module."""
-    w, p = workdir, str(workdir / "params.yaml")
+    """Run every stage once, in DAG order, with every preference loss as a variant."""
+    w = workdir
+    p = str(tiny_params(w, dpo={"variants": VARIANTS}, guidance={"sources": SOURCES}))
+    d = lambda rel: str(w / rel)  # noqa: E731
     out = {"params": p, "dir": w}
-    out["prepare"] = prepare.main(["--params", p, "--out", str(w / "data/prepare")])
-    out["sft"] = sft.main(["--params", p, "--model", str(w / "models/base"), "--data", str(w / "data/prepare/sft.jsonl"),
-                           "--out", str(w / "models/sft")])
-    out["generate"] = generate.main(["--params", p, "--model", str(w / "models/sft"), "--prompts",
-                                     str(w / "data/prepare/train.jsonl"), "--out", str(w / "data/samples.jsonl")])
-    # the random tiny model rarely answers right: label with margin 0 so pairs exist (any score gap counts)
-    out["label"] = label.main(["--params", p, "--samples", str(w / "data/samples.jsonl"), "--out", str(w / "data/label")])
-    out["dpo"] = dpo.main(["--params", p, "--variant", "dpo", "--model", str(w / "models/sft"), "--prefs",
-                           str(w / "data/label/prefs.jsonl"), "--out", str(w / "models/dpo/dpo")])
+    out["prepare"] = prepare.main(["--params", p, "--out", d("data/prepare")])
+    out["sft"] = sft.main(["--params", p, "--model", d("models/base"), "--data", d("data/prepare/sft.jsonl"),
+                           "--out", d("models/sft")])
+    out["generate"] = generate.main(["--params", p, "--model", d("models/sft"), "--prompts",
+                                     d("data/prepare/train.jsonl"), "--out", d("data/samples.jsonl")])
+    out["label"] = label.main(["--params", p, "--samples", d("data/samples.jsonl"), "--out", d("data/label")])
+    prefs = ["--prefs", d("data/label/prefs.jsonl")]
+    out["reference"] = reference.main(["--params", p, "--model", d("models/sft"), *prefs, "--out", d("data/reference")])
+    out["token_reward"] = token_reward.main(["--params", p, "--model", d("models/sft"), *prefs, "--out",
+                                             d("models/token_reward"), "--metrics", d("reports/token_reward.json")])
+    order = ["dpo", "guidance@dpo", "guidance@token_reward"] + [v for v in VARIANTS if v != "dpo"]
+    for step in order:
+        if step.startswith("guidance@"):
+            name = step.split("@")[1]
+            out[step] = guidance.main(["--params", p, "--name", name, "--model", d(SOURCES[name]["model"]), *prefs,
+                                       "--reference", d("data/reference"), "--out", d(f"data/guidance/{name}")])
+            continue
+        out[f"dpo@{step}"] = dpo.main(["--params", p, "--variant", step, "--model", d("models/sft"), *prefs,
+                                       "--reference", d("data/reference"), "--guidance", d(VARIANTS[step]["guidance"]),
+                                       "--out", d(f"models/dpo/{step}")])
     for name, model in (("base", "models/base"), ("sft", "models/sft"), ("dpo", "models/dpo/dpo")):
-        out[f"evaluate@{name}"] = evaluate.main(["--params", p, "--name", name, "--model", str(w / model), "--prompts",
-                                                 str(w / "data/prepare/eval.jsonl"), "--out",
-                                                 str(w / "reports/evaluate" / name)])
-    out["report"] = report.main(["--params", p, "--evals", str(w / "reports/evaluate"), "--out", str(w / "reports")])
+        out[f"evaluate@{name}"] = evaluate.main(["--params", p, "--name", name, "--model", d(model), "--prompts",
+                                                 d("data/prepare/eval.jsonl"), "--out", d(f"reports/evaluate/{name}")])
+    out["report"] = report.main(["--params", p, "--evals", d("reports/evaluate"), "--out", d("reports")])
     return out
 
 
@@ -81,16 +107,72 @@ def test_generate_and_label(pipeline):
         assert p["chosen_score"] > p["rejected_score"] and p["chosen"] != p["rejected"]
 
 
-def test_dpo_changes_the_policy(pipeline):
-    out = pipeline["dir"] / "models/dpo/dpo"
-    assert _lora_b_norm(out) > 0
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_changes_the_policy(pipeline, variant):
+    out = pipeline["dir"] / "models/dpo" / variant
+    assert _lora_b_norm(out) > 0, "LoRA B starts at zero: training must have moved it"
     chain = json.loads((out / "chain.json").read_text())
     assert chain["adapters"] == [str(pipeline["dir"] / "models/sft"), str(out)]
+    metrics = pipeline[f"dpo@{variant}"]
+    assert metrics["pairs"] == pipeline["label"]["pairs"]
+    assert "final_logps_chosen" in metrics and "final_logps_rejected" in metrics  # likelihood displacement watch
+
+
+def test_dpo_merged_weights_differ_from_sft(pipeline):
     sft_model = modeling.load_chain(pipeline["dir"] / "models/sft")
-    dpo_model = modeling.load_chain(out)
+    dpo_model = modeling.load_chain(pipeline["dir"] / "models/dpo/dpo")
     diffs = [float((a - b).abs().max()) for a, b in zip(sft_model.parameters(), dpo_model.parameters(), strict=True)]
     assert max(diffs) > 0
-    assert "final_logps_chosen" in pipeline["dpo"] and "final_logps_rejected" in pipeline["dpo"]
+
+
+def test_reference_cache_matches_a_fresh_forward(pipeline):
+    """The cached per-token reference log-probs are what the SFT model gives, token for token."""
+    from posttrain import preference
+
+    w = pipeline["dir"]
+    cache = preference.read_token_values(w / "data/reference/logps.jsonl")
+    pairs = io.read_jsonl(w / "data/label/prefs.jsonl", "prefs")
+    tok = modeling.load_tokenizer(w / "models/base", padding_side="right")
+    rows, _ = preference.encoded_rows(tok, pairs[:2], 96, "prefs")
+    model = modeling.load_chain(w / "models/sft")
+    for row in rows:
+        ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"]])
+        logps = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(-1)
+        n = len(row["chosen_ids"])
+        torch.testing.assert_close(torch.tensor(cache[row["id"]]["chosen"]), logps[-n:].detach(), atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_dpo_guidance_is_the_induced_reward(pipeline):
+    """guidance@dpo r_hat = log pi_dpo - log pi_ref per token (seed 000's practical recipe)."""
+    from posttrain import preference
+
+    w = pipeline["dir"]
+    ref = preference.read_token_values(w / "data/reference/logps.jsonl")
+    rhat = preference.read_token_values(w / "data/guidance/dpo/rhat.jsonl")
+    pairs = io.read_jsonl(w / "data/label/prefs.jsonl", "prefs")
+    tok = modeling.load_tokenizer(w / "models/base", padding_side="right")
+    (row,), _ = preference.encoded_rows(tok, pairs[:1], 96, "prefs")
+    model = modeling.load_chain(w / "models/dpo/dpo")
+    ids = torch.tensor([row["prompt_ids"] + row["rejected_ids"]])
+    logps = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(-1)
+    n = len(row["rejected_ids"])
+    expected = logps[-n:].detach() - torch.tensor(ref[row["id"]]["rejected"])
+    torch.testing.assert_close(torch.tensor(rhat[row["id"]]["rejected"]), expected, atol=1e-4, rtol=1e-4)
+    assert set(rhat) == set(ref)
+
+
+def test_token_reward_model(pipeline):
+    m = pipeline["token_reward"]
+    assert {"heldout_accuracy_average", "heldout_accuracy_soft_max", "heldout_accuracy_soft_min"} <= set(m)
+    assert m["train_pairs"] + m["heldout_pairs"] == pipeline["label"]["pairs"]
+    weights = load_file(str(pipeline["dir"] / "models/token_reward/adapter_model.safetensors"))
+    assert any("score" in k for k in weights), "the reward head is saved with the adapter"
+    from posttrain import preference
+
+    rhat = preference.read_token_values(pipeline["dir"] / "data/guidance/token_reward/rhat.jsonl")
+    flat = torch.tensor([x for v in rhat.values() for side in ("chosen", "rejected") for x in v[side]])
+    assert abs(float(flat.mean())) < 1e-4 and abs(float(flat.std()) - 1) < 1e-3  # standardised, scale 1
 
 
 def test_evaluate_and_report(pipeline):
@@ -115,8 +197,10 @@ def test_one_mlflow_run_per_stage(pipeline):
     mlflow.set_tracking_uri(f"sqlite:///{pipeline['dir'] / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["posttrain"])
     names = set(runs["tags.mlflow.runName"])
-    assert {"base", "prepare", "sft", "generate", "label", "dpo@dpo", "evaluate@base", "evaluate@sft",
-            "evaluate@dpo", "report"} <= names
+    assert names == {"base", "prepare", "sft", "generate", "label", "reference", "token_reward", "guidance@dpo",
+                     "guidance@token_reward", "evaluate@base", "evaluate@sft", "evaluate@dpo", "report"} | {
+        f"dpo@{v}" for v in VARIANTS}
+    assert (runs["tags.mlflow.runName"] == "sft").sum() == 1
     sft_run = runs[runs["tags.mlflow.runName"] == "sft"].iloc[0]
     assert sft_run["params.sft.learning_rate"] == "0.001"
     assert sft_run["metrics.train_loss"] > 0

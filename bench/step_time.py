@@ -1,0 +1,106 @@
+"""Time one training step of TGDPO against DPO (both reading the cached reference), and against TRL's
+DPOTrainer running the reference forward at every step, on the same model and the same batches, in one run.
+
+    python -m bench.step_time                       # default: the pipeline's SFT model and pairs
+    python -m bench.step_time --steps 12 --batch-size 8
+
+Needs `dvc repro reference guidance` first (models/sft, data/label/prefs.jsonl, data/reference,
+data/guidance/dpo). Writes bench/results/step_time.json: median seconds per step for each trainer and the
+ratios TGDPO/DPO (target <= 1.10) and TRL-with-reference-forward/DPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from bench import machine
+from posttrain import config, io, modeling
+from stages import dpo
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self._t = [], 0.0
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def _trl_rows(pairs: list[dict]) -> list[dict]:
+    return [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+
+
+def _trl_trainer(model, tok, pairs, common, device, params, steps, out):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from posttrain import training
+
+    cfg = DPOConfig(output_dir=out, learning_rate=params.learning_rate, beta=params.beta, max_steps=steps,
+                    per_device_train_batch_size=params.batch_size, max_length=common.max_len, logging_steps=1000,
+                    save_strategy="no", seed=common.seed, precompute_ref_log_probs=False,
+                    **{k: v for k, v in training.device_args(device).items() if k not in ("save_strategy",
+                                                                                         "report_to")},
+                    report_to=[])
+    return DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(_trl_rows(pairs)),
+                      processing_class=tok, peft_config=training.lora_config(params.lora_params))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--model", default="models/sft")
+    p.add_argument("--prefs", default="data/label/prefs.jsonl")
+    p.add_argument("--reference", default="data/reference")
+    p.add_argument("--guidance", default="data/guidance/dpo")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="bench/results/step_time.json")
+    args = p.parse_args(argv)
+
+    common, all_params = config.load(dpo.DpoParams, "dpo", args.params)
+    pairs = io.read_jsonl(args.prefs, "prefs")[: args.steps * args.batch_size]
+    device = modeling.device_for(common.device)
+    base, _ = modeling.model_chain(args.model)
+    tok = modeling.load_tokenizer(base, padding_side="right")
+    results = {}
+    for name in ("dpo", "tgdpo", "trl_dpo_ref_forward"):
+        params = config.parse(dpo.VariantParams, {**config.to_dict(all_params.defaults),
+                                                  "loss": "tgdpo" if name == "tgdpo" else "dpo",
+                                                  "batch_size": args.batch_size}, "bench")
+        model = modeling.load_chain(args.model, device)
+        timer = StepTimer()
+        if name == "trl_dpo_ref_forward":
+            trainer = _trl_trainer(model, tok, pairs, common, device, params, args.steps, f"/tmp/bench_{name}")
+        else:
+            dataset, _ = dpo.build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
+                                           Path(args.guidance), args.prefs)
+            trainer = dpo.make_trainer(model, tok, dataset, params, common, device, f"/tmp/bench_{name}")
+            trainer.args.max_steps, trainer.args.save_strategy, trainer.args.report_to = args.steps, "no", []
+        trainer.add_callback(timer)
+        trainer.train()
+        steady = timer.times[1:]  # the first step pays for allocator warm-up
+        results[name] = {"median_step_s": statistics.median(steady), "steps_timed": len(steady)}
+        print(f"{name}: median step {results[name]['median_step_s']:.3f} s over {len(steady)} steps")
+    d = results["dpo"]["median_step_s"]
+    out = {"machine": machine.describe(), "model": args.model, "batch_size_pairs": args.batch_size,
+           "max_len": common.max_len, "results": results,
+           "ratio_tgdpo_over_dpo": results["tgdpo"]["median_step_s"] / d,
+           "ratio_trl_ref_forward_over_dpo": results["trl_dpo_ref_forward"]["median_step_s"] / d}
+    io.write_json(args.out, out)
+    print(json.dumps({k: v for k, v in out.items() if k.startswith("ratio")}, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

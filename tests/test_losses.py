@@ -1,0 +1,109 @@
+"""Every loss on one hand-worked pair, plus the identities that tie them together.
+
+The pair (B=1, T=3, the last position padding with garbage that the masks must hide):
+  policy_chosen  = [-1.0, -2.0 | 9]   ref_chosen   = [-1.5, -2.5 | 9]  -> chosen log-ratio   r_w = 0.5 + 0.5 = 1.0
+  policy_rejected= [-1.0, -1.0 | 9]   ref_rejected = [-0.5, -1.0 | 9]  -> rejected log-ratio r_l = -0.5 + 0 = -0.5
+"""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain import losses
+from posttrain.losses import PairBatch
+
+
+def softplus_neg(x: float) -> float:
+    """-log sigma(x) = log(1 + e^-x)."""
+    return math.log1p(math.exp(-x))
+
+
+def pair(rhat_chosen=None, rhat_rejected=None) -> PairBatch:
+    t = lambda *v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    mask = t(1, 1, 0)
+    return PairBatch(t(-1.0, -2.0, 9), t(-1.0, -1.0, 9), t(-1.5, -2.5, 9), t(-0.5, -1.0, 9), mask, mask.clone(),
+                     None if rhat_chosen is None else t(*rhat_chosen, 9),
+                     None if rhat_rejected is None else t(*rhat_rejected, 9))
+
+
+HAND = {
+    # DPO: -log sigma(0.1 * (1.0 - (-0.5))) = log(1 + e^-0.15)
+    "dpo": ({"beta": 0.1}, {}, softplus_neg(0.15)),
+    # TGDPO, rhat_w = [2, 0], rhat_l = [-2, 0], beta 0.1, alpha 0.5 -> token betas w: 0.1(1 + 0.05 * [2, 0]) =
+    # [0.11, 0.10], l: 0.1(1 - 0.05 * [-2, 0]) = [0.11, 0.10]; margin = (0.11*0.5 + 0.1*0.5) - (0.11*-0.5 + 0) = 0.16
+    "tgdpo": ({"beta": 0.1, "alpha": 0.5}, {"rhat_chosen": [2, 0], "rhat_rejected": [-2, 0]}, softplus_neg(0.16)),
+    # IPO, tau = 0.1: h = 1.0/2 - (-0.5)/2 = 0.75 (per-token means); (0.75 - 1/0.2)^2 = (-4.25)^2
+    "ipo": ({"beta": 0.1}, {}, 18.0625),
+    # SimPO, beta 2, gamma 0.5: 2 * (-3/2) - 2 * (-2/2) - 0.5 = -1.5 -> log(1 + e^1.5)
+    "simpo": ({"beta": 2.0, "gamma": 0.5}, {}, softplus_neg(-1.5)),
+    # ORPO, lambda 0.1: mean logps m_w = -1.5, m_l = -1.0; log odds m - log(1 - e^m): -1.24752, -0.54132;
+    # 1.5 + 0.1 * log(1 + e^0.70620)
+    "orpo": ({"beta": 0.1}, {}, 1.5 + 0.1 * softplus_neg(-1.24752 + 0.54132)),
+    # KTO, beta 0.1: z = max(0, (1.0 - 0.5)/2) = 0.25; (1 - sigma(0.1 * 0.75)) + (1 - sigma(0.1 * 0.75))
+    "kto": ({"beta": 0.1}, {}, 2 * (1 - 1 / (1 + math.exp(-0.075)))),
+}
+
+
+def test_every_loss_has_a_hand_worked_value():
+    assert set(HAND) == set(losses.LOSSES)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_hand_worked_value(name):
+    kwargs, extra, expected = HAND[name]
+    loss, chosen_reward, rejected_reward = losses.LOSSES[name](pair(**extra), **kwargs)
+    assert_close(loss, torch.tensor([expected], dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    assert chosen_reward.shape == rejected_reward.shape == (1,)
+
+
+def _random_batch(seed=0, B=4, T=7) -> PairBatch:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda: -torch.rand(B, T, generator=g, dtype=torch.float64) * 3  # noqa: E731
+    mask = (torch.rand(B, T, generator=g) > 0.3).double()
+    mask[:, 0] = 1
+    return PairBatch(r(), r(), r(), r(), mask, mask.flip(-1).clone().index_fill_(1, torch.tensor([0]), 1.0),
+                     torch.randn(B, T, generator=g, dtype=torch.float64),
+                     torch.randn(B, T, generator=g, dtype=torch.float64))
+
+
+def test_tgdpo_with_alpha_zero_is_dpo():
+    b = _random_batch()
+    assert_close(losses.tgdpo(b, beta=0.3, alpha=0.0)[0], losses.dpo(b, beta=0.3)[0])
+
+
+def test_tgdpo_with_zero_guidance_is_dpo():
+    b = _random_batch(1)
+    b.rhat_chosen, b.rhat_rejected = torch.zeros_like(b.rhat_chosen), torch.zeros_like(b.rhat_rejected)
+    assert_close(losses.tgdpo(b, beta=0.2, alpha=0.7)[0], losses.dpo(b, beta=0.2)[0])
+
+
+def test_simpo_without_margin_or_normalisation_is_reference_free_dpo():
+    b = _random_batch(2)
+    b.ref_chosen, b.ref_rejected = torch.zeros_like(b.ref_chosen), torch.zeros_like(b.ref_rejected)
+    assert_close(losses.simpo(b, beta=0.5, gamma=0.0, length_normalize=False)[0], losses.dpo(b, beta=0.5)[0])
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_padding_is_ignored(name):
+    b = _random_batch(3)
+    kwargs = {"beta": 0.1}
+    before = losses.LOSSES[name](b, **kwargs)[0]
+    for t in (b.policy_chosen, b.ref_chosen, b.rhat_chosen):
+        t.masked_fill_(b.chosen_mask == 0, 123.0)
+    for t in (b.policy_rejected, b.ref_rejected, b.rhat_rejected):
+        t.masked_fill_(b.rejected_mask == 0, -77.0)
+    assert_close(losses.LOSSES[name](b, **kwargs)[0], before)
+
+
+def test_tgdpo_pushes_rewarded_chosen_tokens_harder():
+    """A chosen token with high r_hat gets a larger gradient than under DPO; alpha scales it."""
+    grads = {}
+    for alpha in (0.0, 1.0):
+        b = pair(rhat_chosen=[5, 0], rhat_rejected=[0, 0])
+        b.policy_chosen.requires_grad_(True)
+        losses.tgdpo(b, beta=0.1, alpha=alpha)[0].sum().backward()
+        grads[alpha] = b.policy_chosen.grad[0].clone()
+    assert grads[1.0][0].abs() > grads[0.0][0].abs()
+    assert grads[1.0][2] == grads[0.0][2] == 0  # padding gets no gradient
