@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -45,5 +46,7 @@ def execute(stage: str, params_cls: type, args: argparse.Namespace, fn: Callable
             mlflow.set_tag("error", str(e)[:500])
             mlflow.end_run(status="FAILED")
             sys.exit(f"error: {e}")
+        # peak resident memory of this stage's process, for bench/pipeline.py
+        metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         tracking.log_metrics(metrics)
     return metrics

@@ -63,7 +63,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "samples": {"id": _nonempty_str, "messages": _is_messages, "verifier": _optional(_is(dict, "a mapping")),
                 "samples": _samples},
     "answers": {"id": _nonempty_str, "task": _is(str, "a string"), "response": _is(str, "a string"),
-                "score": _is((int, float), "a number"), "passed": lambda v: None if isinstance(v, bool) else "expected a bool",
+                "score": _is((int, float), "a number"),
+                "passed": lambda v: None if isinstance(v, bool) else "expected a bool",
                 "length": _is(int, "an integer")},
     "prefs": {"id": _nonempty_str, "prompt": _is_messages, "chosen": _nonempty_str, "rejected": _nonempty_str},
 }

@@ -91,8 +91,11 @@ def orpo(b: PairBatch, beta: float = 0.1, **_) -> Out:
     sw, sl = b.seq_logps()
     lw, ll = b.lengths()
     mw, ml = sw / lw, sl / ll  # mean token log-prob, < 0
-    log_odds = (mw - torch.log1p(-torch.exp(mw).clamp(max=1 - 1e-6))) - (ml - torch.log1p(-torch.exp(ml).clamp(max=1 - 1e-6)))
-    return -mw - beta * F.logsigmoid(log_odds), beta * mw.detach(), beta * ml.detach()
+    def log_odds(m: Tensor) -> Tensor:
+        return m - torch.log1p(-torch.exp(m).clamp(max=1 - 1e-6))
+
+    ratio = log_odds(mw) - log_odds(ml)
+    return -mw - beta * F.logsigmoid(ratio), beta * mw.detach(), beta * ml.detach()
 
 
 def kto(b: PairBatch, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **_) -> Out:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 
 
@@ -19,3 +21,17 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95)
 def win_values(scores: list[float], ref_scores: list[float]) -> list[float]:
     """Per prompt: 1 where the model's gold score beats the reference's, 0.5 on a tie, 0 on a loss."""
     return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, ref_scores, strict=True)]
+
+
+def summarise(answers: list[dict], n_boot: int, seed: int) -> dict:
+    """Gold pass rate, mean gold score (each with its 95% interval), mean length, pass rate per task."""
+    passed = [float(a["passed"]) for a in answers]
+    scores = [a["score"] for a in answers]
+    by_task = defaultdict(list)
+    for a in answers:
+        by_task[a["task"]].append(float(a["passed"]))
+    return {"n": len(answers),
+            "pass_rate": sum(passed) / len(passed), "pass_rate_ci": bootstrap_ci(passed, n_boot, seed),
+            "mean_score": sum(scores) / len(scores), "mean_score_ci": bootstrap_ci(scores, n_boot, seed),
+            "mean_length": sum(a["length"] for a in answers) / len(answers),
+            "pass_rate_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}

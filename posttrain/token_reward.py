@@ -80,11 +80,27 @@ def backbone(path: str | Path) -> str:
     return json.loads((Path(path) / "backbone.json").read_text())["model"]
 
 
+def save(model, out: str | Path, backbone_model: str, resolved: dict) -> None:
+    """Only the head is trained: write `head.safetensors` + `backbone.json` (a few KB, not a 0.5 GB checkpoint)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from posttrain import io, training
+
+    with io.atomic_dir(out) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.score.state_dict().items()},
+                  str(tmp / "head.safetensors"))
+        (tmp / "backbone.json").write_text(json.dumps({"model": str(backbone_model)}) + "\n")
+        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    training.finish(out)
+
+
 def load(path: str | Path, device: torch.device):
-    """A trained token reward model: its backbone (a causal-LM chain named in backbone.json) + the adapter + head."""
-    from peft import PeftModel
+    """A trained token reward model: the backbone named in backbone.json (a causal-LM chain) + the trained head."""
+    from safetensors.torch import load_file
 
     from posttrain import modeling
 
     model = build(modeling.load_chain(backbone(path), device))
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload().to(device).eval()
+    model.score.load_state_dict(load_file(str(Path(path) / "head.safetensors")))
+    return model.to(device).eval()

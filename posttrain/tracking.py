@@ -62,6 +62,7 @@ def stage_run(stage: str, config: dict, uri: str, experiment: str) -> Iterator[A
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     import mlflow
 
-    numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {k: float(v) for k, v in flatten(metrics).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numeric:
         mlflow.log_metrics(numeric, step=step)

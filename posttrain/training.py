@@ -62,24 +62,22 @@ class StopOnNaN(TrainerCallback):
                                      f"checkpoint is kept in {args.output_dir}")
 
 
-def save(model, out: str | Path, base: str | Path, parents: list[str | Path], resolved: dict,
-         extra: dict[str, str] | None = None) -> None:
-    """Write the trained adapter (or full model) with the resolved params, atomically.
-
-    A causal-LM adapter gets `chain.json` (base + adapters to merge in order); `extra` names other files to add
-    (a token reward model writes `backbone.json` instead of a chain).
-    """
+def save(model, out: str | Path, base: str | Path, parents: list[str | Path], resolved: dict) -> None:
+    """Write the trained adapter (or full model) with `chain.json` and the resolved params, atomically."""
     out = Path(out)
     with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
-        if (tmp / "adapter_config.json").exists() and not extra:
+        if (tmp / "adapter_config.json").exists():
             chain = {"base": str(base), "adapters": [str(p) for p in parents] + [str(out)]}
             (tmp / "chain.json").write_text(json.dumps(chain, indent=2) + "\n")
         (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    finish(out)
+
+
+def finish(out: str | Path) -> None:
+    """After a model is in place: drop the resume checkpoints and log the model to the active MLflow run."""
     shutil.rmtree(ckpt_dir(out), ignore_errors=True)
-    _log_model(out)
+    _log_model(Path(out))
 
 
 def _log_model(out: Path, limit_mb: int = 100) -> None:

@@ -12,7 +12,6 @@ are computed from these answers by `report`.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 from posttrain import cli, io, modeling, sampling, stats, tasks
@@ -30,20 +29,6 @@ class EvaluateParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.n_bootstrap < 100:
             raise ValueError("max_new_tokens and batch_size must be >= 1, n_bootstrap >= 100")
-
-
-def summarise(answers: list[dict], n_boot: int, seed: int) -> dict:
-    passed = [float(a["passed"]) for a in answers]
-    scores = [a["score"] for a in answers]
-    lengths = [a["length"] for a in answers]
-    out = {"n": len(answers), "pass_rate": sum(passed) / len(passed), "pass_rate_ci": stats.bootstrap_ci(passed, n_boot, seed),
-           "mean_score": sum(scores) / len(scores), "mean_score_ci": stats.bootstrap_ci(scores, n_boot, seed),
-           "mean_length": sum(lengths) / len(lengths)}
-    by_task = defaultdict(list)
-    for a in answers:
-        by_task[a["task"]].append(float(a["passed"]))
-    out["pass_rate_by_task"] = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
-    return out
 
 
 def run(common, params: EvaluateParams, args) -> dict:
@@ -65,7 +50,7 @@ def run(common, params: EvaluateParams, args) -> dict:
         s = tasks.score(p["verifier"], r)
         answers.append({"id": p["id"], "task": p["task"], "response": r, "score": s, "passed": s == 1.0,
                         "length": len(tok(r, add_special_tokens=False).input_ids)})
-    metrics = summarise(answers, params.n_bootstrap, common.seed)
+    metrics = stats.summarise(answers, params.n_bootstrap, common.seed)
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "answers.jsonl", answers)
         io.write_json(tmp / "metrics.json", metrics)

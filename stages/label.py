@@ -4,8 +4,8 @@
     python -m stages.label --samples data/generate/samples.jsonl --out data/label
 
 Per prompt, every sample is scored; the best becomes `chosen` and the worst `rejected` when their scores differ by
-at least `label.margin` (and strictly). Dropped, and counted in `stats.json`: prompts whose samples all tie (or differ by less
-than the margin), pairs whose two texts are equal, empty responses, and repeated prompts.
+at least `label.margin` (and strictly). Dropped, and counted in `stats.json`: prompts whose samples all tie (or
+differ by less than the margin), pairs whose two texts are equal, empty responses, and repeated prompts.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Reads `reports/evaluate/<model>/answers.jsonl`; writes `report.md`, `scores.png`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +40,10 @@ def build(evals: Path, reference: str, n_boot: int, seed: int) -> dict[str, dict
         ids = [a["id"] for a in rows]
         if set(ids) != set(ref):
             raise io.InputError(f"{evals / name / 'answers.jsonl'}: prompt ids differ from {reference!r}'s")
-        passed = [float(a["passed"]) for a in rows]
-        scores = [a["score"] for a in rows]
-        wins = stats.win_values(scores, [ref[i] for i in ids])
-        table[name] = {"n": len(rows),
-                       "pass_rate": sum(passed) / len(rows), "pass_rate_ci": stats.bootstrap_ci(passed, n_boot, seed),
-                       "mean_score": sum(scores) / len(rows), "mean_score_ci": stats.bootstrap_ci(scores, n_boot, seed),
-                       f"win_rate_vs_{reference}": sum(wins) / len(rows),
-                       f"win_rate_vs_{reference}_ci": stats.bootstrap_ci(wins, n_boot, seed),
-                       "mean_length": sum(a["length"] for a in rows) / len(rows)}
+        wins = stats.win_values([a["score"] for a in rows], [ref[i] for i in ids])
+        table[name] = stats.summarise(rows, n_boot, seed) | {
+            f"win_rate_vs_{reference}": sum(wins) / len(rows),
+            f"win_rate_vs_{reference}_ci": stats.bootstrap_ci(wins, n_boot, seed)}
     return table
 
 
@@ -88,6 +84,11 @@ def run(common, params: ReportParams, args) -> dict:
         lines.append(f"| {n} | {_fmt(r['pass_rate'], r['pass_rate_ci'])} | {_fmt(r['mean_score'], r['mean_score_ci'])}"
                      f" | {_fmt(r[wr], r[wr + '_ci'])} | {r['mean_length']:.1f} |")
     lines += ["", "![scores](scores.png)", ""]
+    if args.label_stats:
+        st = json.loads(Path(args.label_stats).read_text())
+        drops = ", ".join(f"{k}: {v}" for k, v in sorted(st["dropped"].items())) or "none"
+        lines += [f"Preference data: {st['prompts']} prompts sampled, {st['pairs']} pairs kept; dropped by rule "
+                  f"(see stages/label.py): {drops}.", ""]
     out.mkdir(parents=True, exist_ok=True)
     plot(table, names, params.reference, out / "scores.png")
     io.write_text(out / "report.md", "\n".join(lines))
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(__doc__)
     p.add_argument("--evals", required=True, help="folder of evaluate outputs, one sub-folder per model")
     p.add_argument("--out", required=True, help="output folder for report.md, scores.png, metrics.json")
+    p.add_argument("--label-stats", help="the label stage's stats.json, to report what was dropped and why")
     return cli.execute("report", ReportParams, p.parse_args(argv), run)
 
 

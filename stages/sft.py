@@ -10,6 +10,7 @@ With `sft.lora: true` the output is a LoRA adapter plus `chain.json` (a few MB i
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from posttrain import cli, config, io, modeling, training
@@ -35,14 +36,20 @@ class SftParams:
             raise ValueError("epochs must be > 0, batch_size and grad_accum >= 1")
 
 
-def to_prompt_completion(rows: list[dict]) -> list[dict]:
-    out = []
+def to_prompt_completion(rows: list[dict], tok, max_len: int) -> tuple[list[dict], Counter]:
+    """TRL prompt-completion rows; dropped and counted: no final assistant turn, an empty one, longer than max_len
+    (truncating would teach the model to stop mid-answer)."""
+    out, dropped = [], Counter()
     for r in rows:
         msgs = r["messages"]
         if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
-            continue  # nothing to learn from; counted by the caller
+            dropped["no_assistant_answer"] += 1
+            continue
+        if len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]) > max_len:
+            dropped["too_long"] += 1
+            continue
         out.append({"prompt": msgs[:-1], "completion": [msgs[-1]]})
-    return out
+    return out, dropped
 
 
 def run(common, params: SftParams, args) -> dict:
@@ -50,13 +57,15 @@ def run(common, params: SftParams, args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     rows = io.read_jsonl(args.data, "sft")
-    data = to_prompt_completion(rows)
-    if not data:
-        raise io.InputError(f"{args.data}: no row ends with a non-empty assistant turn")
     device = modeling.device_for(common.device)
-    model, base, parents = training.policy_for_training(args.model, device, common.trust_remote_code)
+    base, _ = modeling.model_chain(args.model)
     tok = modeling.load_tokenizer(base, padding_side="right")
     modeling.check_template(tok)
+    data, dropped = to_prompt_completion(rows, tok, common.max_len)
+    if not data:
+        raise io.InputError(f"{args.data}: no usable row (dropped: {dict(dropped)}): each needs a non-empty final "
+                            f"assistant turn within common.max_len={common.max_len} tokens")
+    model, base, parents = training.policy_for_training(args.model, device, common.trust_remote_code)
     cfg = SFTConfig(
         output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,
@@ -67,9 +76,11 @@ def run(common, params: SftParams, args) -> dict:
                          peft_config=training.lora_config(params.lora_params) if params.lora else None,
                          callbacks=[training.StopOnNaN()])
     result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
-    training.save(trainer.model, args.out, base, parents, {"sft": config.to_dict(params), "common": config.to_dict(common)})
-    return {"train_loss": result.training_loss, "rows": len(data), "dropped_rows": len(rows) - len(data),
-            "steps": result.global_step, "train_runtime_s": result.metrics.get("train_runtime", 0.0)}
+    training.save(trainer.model, args.out, base, parents,
+                  {"sft": config.to_dict(params), "common": config.to_dict(common)})
+    return {"train_loss": result.training_loss, "rows": len(data), "steps": result.global_step,
+            "train_runtime_s": result.metrics.get("train_runtime", 0.0)} | {
+        f"dropped_{k}": v for k, v in dropped.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,7 +3,7 @@
     dvc repro token_reward
     python -m stages.token_reward --model models/sft --prefs data/label/prefs.jsonl --out models/token_reward
 
-A scalar head per token on the SFT backbone (LoRA + head), trained so that the aggregate of its token rewards
+A scalar head per token on the frozen SFT backbone, trained so that the aggregate of its token rewards
 (`token_reward.aggregator`: average, soft_max or soft_min) orders chosen over rejected (Bradley-Terry). A held-out
 slice of the pairs (`heldout_fraction`, picked by id hash) measures pair accuracy under each aggregator, written
 to `metrics.json`. The model feeds TGDPO through `guidance@token_reward`.
@@ -12,8 +12,7 @@ to `metrics.json`. The model feeds TGDPO through `guidance@token_reward`.
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,8 +31,6 @@ class TokenRewardParams:
     learning_rate: float = 1e-4
     epochs: float = 1.0
     batch_size: int = 8
-    lora_params: training.LoraParams = field(default_factory=training.LoraParams)
-    save_steps: int = 20
     logging_steps: int = 5
 
     def __post_init__(self) -> None:
@@ -66,7 +63,6 @@ def accuracy(model, tok, rows: list[dict], max_len: int, tau: float, batch_size:
 
 def run(common, params: TokenRewardParams, args) -> dict:
     from datasets import Dataset
-    from peft import get_peft_model
     from transformers import TrainingArguments
 
     pairs = io.read_jsonl(args.prefs, "prefs")
@@ -78,22 +74,20 @@ def run(common, params: TokenRewardParams, args) -> dict:
     train = [r for r in rows if not is_heldout(r["id"], params.heldout_fraction)]
     held = [r for r in rows if is_heldout(r["id"], params.heldout_fraction)]
     torch.manual_seed(common.seed)
-    lora = training.lora_config(params.lora_params)
-    lora.task_type, lora.modules_to_save = "TOKEN_CLS", ["score"]
-    model = get_peft_model(tr.build(modeling.load_chain(args.model, device, common.trust_remote_code)), lora)
+    model = tr.build(modeling.load_chain(args.model, device, common.trust_remote_code))
+    model.model.requires_grad_(False)  # the head alone learns: a step costs about one forward pass
     targs = TrainingArguments(
         output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,
-        logging_steps=params.logging_steps, save_steps=params.save_steps, seed=common.seed,
-        remove_unused_columns=False, **training.device_args(device))
+        logging_steps=params.logging_steps, seed=common.seed, remove_unused_columns=False,
+        **training.device_args(device) | {"save_strategy": "no"})  # a 1-minute stage; checkpoints would be 0.5 GB
     trainer = tr.TokenRewardTrainer(
         model=model, args=targs, train_dataset=Dataset.from_list(train),
         data_collator=preference.TokenCollator(pad_token_id=tok.pad_token_id, max_length=common.max_len),
         callbacks=[training.StopOnNaN()], aggregator=params.aggregator, tau=params.tau)
-    result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
+    result = trainer.train()
     metrics = accuracy(model, tok, held, common.max_len, params.tau)
-    training.save(model, args.out, base, [], {"token_reward": config.to_dict(params), "common": config.to_dict(common)},
-                  extra={"backbone.json": json.dumps({"model": args.model}) + "\n"})
+    tr.save(model, args.out, args.model, {"token_reward": config.to_dict(params), "common": config.to_dict(common)})
     metrics |= {"train_loss": result.training_loss, "train_pairs": len(train), "heldout_pairs": len(held),
                 "dropped_too_long": too_long}
     io.write_json(args.metrics, metrics)
@@ -104,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="backbone: the SFT model (checkpoint or adapter chain)")
     p.add_argument("--prefs", required=True, help="preference pairs (JSONL, schema `prefs`)")
-    p.add_argument("--out", required=True, help="output folder: LoRA adapter + head, backbone.json")
+    p.add_argument("--out", required=True, help="output folder: head.safetensors, backbone.json")
     p.add_argument("--metrics", required=True, help="metrics.json path")
     return cli.execute("token_reward", TokenRewardParams, p.parse_args(argv), run)
 

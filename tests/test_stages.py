@@ -38,7 +38,8 @@ def pipeline(workdir):
                                      d("data/prepare/train.jsonl"), "--out", d("data/samples.jsonl")])
     out["label"] = label.main(["--params", p, "--samples", d("data/samples.jsonl"), "--out", d("data/label")])
     prefs = ["--prefs", d("data/label/prefs.jsonl")]
-    out["reference"] = reference.main(["--params", p, "--model", d("models/sft"), *prefs, "--out", d("data/reference")])
+    out["reference"] = reference.main(["--params", p, "--model", d("models/sft"), *prefs, "--out",
+                                       d("data/reference")])
     out["token_reward"] = token_reward.main(["--params", p, "--model", d("models/sft"), *prefs, "--out",
                                              d("models/token_reward"), "--metrics", d("reports/token_reward.json")])
     order = ["dpo", "guidance@dpo", "guidance@token_reward"] + [v for v in VARIANTS if v != "dpo"]
@@ -54,7 +55,8 @@ def pipeline(workdir):
     for name, model in (("base", "models/base"), ("sft", "models/sft"), ("dpo", "models/dpo/dpo")):
         out[f"evaluate@{name}"] = evaluate.main(["--params", p, "--name", name, "--model", d(model), "--prompts",
                                                  d("data/prepare/eval.jsonl"), "--out", d(f"reports/evaluate/{name}")])
-    out["report"] = report.main(["--params", p, "--evals", d("reports/evaluate"), "--out", d("reports")])
+    out["report"] = report.main(["--params", p, "--evals", d("reports/evaluate"), "--label-stats",
+                                 d("data/label/stats.json"), "--out", d("reports")])
     return out
 
 
@@ -69,7 +71,9 @@ def test_prepare_splits_are_disjoint_and_demos_correct(pipeline):
     assert {r["task"] for r in train + ev} <= {"add", "word_count", "include"}
     # demos are the solver's: each scores 1.0 under the verifier of the prompt it answers
     assert all(tasks.score(r["verifier"], r["messages"][-1]["content"]) == 1.0 for r in demos)
-    assert pipeline["prepare"] == {"n_train": 12, "n_eval": 10, "n_sft": 12}
+    counts = {k: pipeline["prepare"][k] for k in ("n_train", "n_eval", "n_sft")}
+    assert counts == {"n_train": 12, "n_eval": 10, "n_sft": 12}
+    assert pipeline["prepare"]["peak_rss_mb"] > 0
 
 
 def test_prepare_is_deterministic(workdir, tmp_path):
@@ -166,8 +170,8 @@ def test_token_reward_model(pipeline):
     m = pipeline["token_reward"]
     assert {"heldout_accuracy_average", "heldout_accuracy_soft_max", "heldout_accuracy_soft_min"} <= set(m)
     assert m["train_pairs"] + m["heldout_pairs"] == pipeline["label"]["pairs"]
-    weights = load_file(str(pipeline["dir"] / "models/token_reward/adapter_model.safetensors"))
-    assert any("score" in k for k in weights), "the reward head is saved with the adapter"
+    head = load_file(str(pipeline["dir"] / "models/token_reward/head.safetensors"))
+    assert float(head["weight"].abs().sum()) > 0, "the head starts at zero: training must have moved it"
     from posttrain import preference
 
     rhat = preference.read_token_values(pipeline["dir"] / "data/guidance/token_reward/rhat.jsonl")
@@ -191,6 +195,8 @@ def test_evaluate_and_report(pipeline):
     assert [ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| ") and "model" not in ln] == [
         "base", "sft", "dpo"]
     assert (w / "reports/scores.png").read_bytes()[:4] == b"\x89PNG"
+    stats = json.loads((w / "data/label/stats.json").read_text())
+    assert f"{stats['prompts']} prompts sampled, {stats['pairs']} pairs kept" in text
 
 
 def test_one_mlflow_run_per_stage(pipeline):
