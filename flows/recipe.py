@@ -29,7 +29,7 @@ def stage_order(repo_dir: str | Path = ".") -> list[str]:
 
     with Repo(str(repo_dir)) as repo:
         graph = repo.index.graph  # an edge points from a stage to a stage it depends on
-        return [s.addressing for s in reversed(list(nx.topological_sort(graph)))]
+        return [s.name for s in reversed(list(nx.topological_sort(graph)))]
 
 
 @task(retries=2, retry_delay_seconds=5, task_run_name="{stage}")

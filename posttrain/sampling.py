@@ -28,6 +28,22 @@ def backend_for(choice: str, device: torch.device) -> str:
     return "hf"
 
 
+def _generate_shared_prefill(model, enc, n: int, **kwargs) -> torch.Tensor:
+    """`generate` with n samples per prompt, prefilling each prompt once rather than n times.
+
+    HF's num_return_sequences repeats the prompt before the prefill; with short answers the prefill dominates, so
+    the prompt minus its last token is run once, its KV cache repeated n times, and generation resumes from it.
+    """
+    if n == 1:
+        return model.generate(**enc, **kwargs)
+    prefix = model(input_ids=enc.input_ids[:, :-1], attention_mask=enc.attention_mask[:, :-1], use_cache=True)
+    cache = prefix.past_key_values
+    cache.batch_repeat_interleave(n)
+    return model.generate(input_ids=enc.input_ids.repeat_interleave(n, dim=0),
+                          attention_mask=enc.attention_mask.repeat_interleave(n, dim=0), past_key_values=cache,
+                          **kwargs)
+
+
 @torch.no_grad()
 def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float, max_new_tokens: int,
               batch_size: int, seed: int) -> list[list[str]]:
@@ -44,8 +60,8 @@ def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float,
         torch.manual_seed(seed + start)
         kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(
             do_sample=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
+        gen = _generate_shared_prefill(model, enc, n, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                       eos_token_id=tok.eos_token_id, **kwargs)
         completions = tok.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         for j, i in enumerate(idx):
             out[i] = [c.strip() for c in completions[j * n : (j + 1) * n]]

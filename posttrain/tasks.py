@@ -26,9 +26,10 @@ KEYS = ["name", "age", "city", "score", "color", "size", "speed", "level"]
 _INT = re.compile(r"-?\d+")
 
 
-def _first_int(text: str) -> int | None:
-    m = _INT.search(text.replace(",", ""))
-    return int(m.group()) if m else None
+def _last_int(text: str) -> int | None:
+    """The answer is the last integer ("47 + 38 = 85" -> 85), as GSM8K-style graders read it."""
+    found = _INT.findall(text.replace(",", ""))
+    return int(found[-1]) if found else None
 
 
 def _closeness(got: float, want: float, full: float = 1.0, partial: float = 0.5) -> float:
@@ -42,7 +43,7 @@ def _closeness(got: float, want: float, full: float = 1.0, partial: float = 0.5)
 
 
 def _score_number(spec: dict, response: str) -> float:
-    got = _first_int(response)
+    got = _last_int(response)
     return 0.0 if got is None else _closeness(got, spec["answer"])
 
 

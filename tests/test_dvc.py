@@ -71,10 +71,13 @@ def test_unchanged_repro_runs_nothing_quickly(repo):
 def test_evaluate_param_reruns_only_evaluate_and_report(repo):
     repo, _ = repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["n_bootstrap"] = 300  # changes every metrics.json, so report must follow
+    params["evaluate"]["n_bootstrap"] = 300
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    log = _run(DVC + ["repro"], repo)
-    assert _ran(log) == {"evaluate@base", "evaluate@sft", "evaluate@dpo", "evaluate@tgdpo_token", "report"}
+    evaluates = {"evaluate@base", "evaluate@sft", "evaluate@dpo", "evaluate@tgdpo_token"}
+    ran = _ran(_run(DVC + ["repro"], repo))
+    # report follows only if an evaluate output changed (the random tiny model scores 0 everywhere, so the
+    # intervals may not move); nothing upstream of evaluate may run
+    assert evaluates <= ran <= evaluates | {"report"}
     assert "pass_rate" in _run(DVC + ["metrics", "show", "--json"], repo)
 
 

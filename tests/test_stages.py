@@ -252,3 +252,19 @@ def test_label_rejects_a_bad_samples_file(workdir, tmp_path):
     with pytest.raises(SystemExit, match=rf"{bad}: row 1: field 'verifier': null"):
         label.main(["--params", str(workdir / "params.yaml"), "--samples", str(bad), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_shared_prefill_sampling_matches_plain_generate(workdir):
+    """Prefilling a prompt once and repeating its cache gives what generate gives for the repeated prompt."""
+    from posttrain import sampling
+
+    tok = modeling.load_tokenizer(workdir / "models/base")
+    model = modeling.load_chain(workdir / "models/base")
+    prompts = [[{"role": "user", "content": "What is 12 + 30?"}], [{"role": "user", "content": "Hi"}]]
+    texts = [modeling.render_prompt(tok, p) for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    shared = sampling._generate_shared_prefill(model, enc, 3, **kw)
+    plain = model.generate(input_ids=enc.input_ids.repeat_interleave(3, 0),
+                           attention_mask=enc.attention_mask.repeat_interleave(3, 0), **kw)
+    assert torch.equal(shared, plain)

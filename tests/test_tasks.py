@@ -11,7 +11,8 @@ CASES = [
     ({"type": "number", "answer": 85}, "85", 1.0),
     ({"type": "number", "answer": 85}, "The answer is 85.", 1.0),
     ({"type": "number", "answer": 100}, "90", 0.45),  # 0.5 * (1 - 10/100)
-    ({"type": "number", "answer": 85}, "47 + 38 = 114", 0.5 * (1 - 38 / 85)),  # first integer: 47
+    ({"type": "number", "answer": 85}, "47 + 38 = 114", 0.5 * (1 - 29 / 85)),  # the last integer: 114
+    ({"type": "number", "answer": 85}, "47 + 38 = 85", 1.0),
     ({"type": "number", "answer": 10}, "50", 0.0),  # relative error >= 1 -> nothing
     ({"type": "number", "answer": 1200}, "1,200", 1.0),
     ({"type": "number", "answer": 85}, "eighty-five", 0.0),
