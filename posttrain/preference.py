@@ -9,6 +9,7 @@ backward, like DPO with precomputed reference log-probs, whatever the loss in `p
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,18 +49,22 @@ def encode(tok, pair: dict, max_len: int) -> dict[str, list[int]]:
     return out
 
 
-def encoded_rows(tok, pairs: list[dict], max_len: int, source: str) -> tuple[list[dict], int]:
-    """Encode every pair; pairs whose prompt leaves no room for a completion are dropped and counted."""
-    rows, too_long = [], 0
+def encoded_rows(tok, pairs: list[dict], max_len: int, source: str) -> tuple[list[dict], Counter]:
+    """Encode every pair. Dropped and counted: a pair whose chosen and rejected texts are equal (no preference to
+    learn), and one whose prompt leaves no room for a completion within `max_len`."""
+    rows, dropped = [], Counter()
     for pair in pairs:
+        if pair["chosen"].strip() == pair["rejected"].strip():
+            dropped["chosen_equals_rejected"] += 1
+            continue
         enc = encode(tok, pair, max_len)
         if not enc["chosen_ids"] or not enc["rejected_ids"]:
-            too_long += 1
+            dropped["too_long"] += 1
             continue
         rows.append({"id": pair["id"], **enc})
     if not rows:
-        raise io.InputError(f"{source}: every pair is longer than common.max_len={max_len}")
-    return rows, too_long
+        raise io.InputError(f"{source}: no usable pair (dropped: {dict(dropped)}; common.max_len={max_len})")
+    return rows, dropped
 
 
 @dataclass

@@ -78,7 +78,7 @@ def build_dataset(tok, pairs: list[dict], params: VariantParams, max_len: int, r
     """Encoded pairs with their cached per-token reference log-probs (and r_hat for TGDPO) as columns."""
     from datasets import Dataset
 
-    rows, too_long = preference.encoded_rows(tok, pairs, max_len, source)
+    rows, dropped = preference.encoded_rows(tok, pairs, max_len, source)
     ref = preference.read_token_values(reference / "logps.jsonl")
     rhat = preference.read_token_values(guidance / "rhat.jsonl") if params.loss == "tgdpo" else None
     data = []
@@ -90,7 +90,7 @@ def build_dataset(tok, pairs: list[dict], params: VariantParams, max_len: int, r
         if rhat is not None:
             row |= {"rhat_chosen_tok": rhat[r["id"]]["chosen"], "rhat_rejected_tok": rhat[r["id"]]["rejected"]}
         data.append(row)
-    return Dataset.from_list(data), too_long
+    return Dataset.from_list(data), dropped
 
 
 def make_trainer(model, tok, dataset, params: VariantParams, common, device, output_dir: str):
@@ -116,7 +116,7 @@ def run(common, params: VariantParams, args) -> dict:
     model, base, parents = training.policy_for_training(args.model, device, common.trust_remote_code)
     tok = modeling.load_tokenizer(base, padding_side="right")
     modeling.check_template(tok)
-    dataset, too_long = build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
+    dataset, dropped = build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
                                       Path(args.guidance), args.prefs)
     trainer = make_trainer(model, tok, dataset, params, common, device, str(training.ckpt_dir(args.out)))
     result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
@@ -124,8 +124,9 @@ def run(common, params: VariantParams, args) -> dict:
                   {"dpo": config.to_dict(params), "variant": args.variant, "common": config.to_dict(common)})
     log = training.train_log(trainer)
     keep = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-    return {"train_loss": result.training_loss, "pairs": len(dataset), "dropped_too_long": too_long,
-            "steps": result.global_step, "train_runtime_s": result.metrics.get("train_runtime", 0.0)} | {
+    return {"train_loss": result.training_loss, "pairs": len(dataset), "steps": result.global_step,
+            "train_runtime_s": result.metrics.get("train_runtime", 0.0)} | {
+        f"dropped_{k}": v for k, v in dropped.items()} | {
         f"final_{k.replace('/', '_')}": log[-1][k] for k in keep if log and k in log[-1]}
 
 

@@ -31,15 +31,15 @@ def run(common, params: ReferenceParams, args) -> dict:
     base, _ = modeling.model_chain(args.model)
     tok = modeling.load_tokenizer(base, padding_side="right")
     modeling.check_template(tok)
-    rows, too_long = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
+    rows, dropped = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
     model = modeling.load_chain(args.model, device, common.trust_remote_code)
     values = preference.completion_logps(model, tok, rows, params.batch_size, common.max_len)
     with io.atomic_dir(args.out) as tmp:
         preference.write_token_values(tmp / "logps.jsonl", values)
-        io.write_json(tmp / "meta.json", {"model": args.model, "pairs": len(values), "dropped_too_long": too_long,
+        io.write_json(tmp / "meta.json", {"model": args.model, "pairs": len(values), "dropped": dict(dropped),
                                           "max_len": common.max_len})
-    return {"pairs": len(values), "dropped_too_long": too_long,
-            "mean_chosen_logp": sum(sum(v["chosen"]) for v in values) / len(values)}
+    return {"pairs": len(values), "mean_chosen_logp": sum(sum(v["chosen"]) for v in values) / len(values)} | {
+        f"dropped_{k}": v for k, v in dropped.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

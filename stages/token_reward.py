@@ -70,7 +70,7 @@ def run(common, params: TokenRewardParams, args) -> dict:
     base, _ = modeling.model_chain(args.model)
     tok = modeling.load_tokenizer(base, padding_side="right")
     modeling.check_template(tok)
-    rows, too_long = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
+    rows, dropped = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
     train = [r for r in rows if not is_heldout(r["id"], params.heldout_fraction)]
     held = [r for r in rows if is_heldout(r["id"], params.heldout_fraction)]
     torch.manual_seed(common.seed)
@@ -88,8 +88,8 @@ def run(common, params: TokenRewardParams, args) -> dict:
     result = trainer.train()
     metrics = accuracy(model, tok, held, common.max_len, params.tau)
     tr.save(model, args.out, args.model, {"token_reward": config.to_dict(params), "common": config.to_dict(common)})
-    metrics |= {"train_loss": result.training_loss, "train_pairs": len(train), "heldout_pairs": len(held),
-                "dropped_too_long": too_long}
+    metrics |= {"train_loss": result.training_loss, "train_pairs": len(train), "heldout_pairs": len(held)} | {
+        f"dropped_{k}": v for k, v in dropped.items()}
     io.write_json(args.metrics, metrics)
     return metrics
 

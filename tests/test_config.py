@@ -62,6 +62,7 @@ def _resolve_ref(data, ref: str):
 BAD = [
     ({"dpo": {"defaults": {"beta": -0.1}}}, r"dpo.*beta must be > 0"),
     ({"dpo": {"defaults": {"learning_rate": 0}}}, r"learning_rate must be > 0"),
+    ({"dpo": {"defaults": {"alpha": -1.0}}}, r"alpha must be in \[0, 10\]"),
     ({"dpo": {"defaults": {"loss": "nope"}}}, r"dpo.defaults: loss 'nope' is not one of \['dpo', 'ipo'"),
     ({"dpo": {"defaults": {"betta": 0.1}}}, r"dpo.defaults: unknown key\(s\) \['betta'\]"),
     ({"sft": {"epochs": "two"}}, r"sft.epochs: expected float, got str"),

@@ -84,3 +84,29 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
         (tmp / "half.jsonl").write_text("{}")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preference_encoding_drops_and_counts(workdir):
+    """Pairs with equal texts, or a prompt too long for max_len, are dropped and counted, never trained on."""
+    from posttrain import modeling, preference
+
+    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+    pairs = [GOOD_PAIR | {"id": "ok"}, GOOD_PAIR | {"id": "same", "rejected": " 2 "},
+             GOOD_PAIR | {"id": "long", "prompt": [{"role": "user", "content": "word " * 200}]}]
+    rows, dropped = preference.encoded_rows(tok, pairs, max_len=64, source="prefs.jsonl")
+    assert [r["id"] for r in rows] == ["ok"]
+    assert dropped == {"chosen_equals_rejected": 1, "too_long": 1}
+    with pytest.raises(io.InputError, match=r"prefs.jsonl: no usable pair"):
+        preference.encoded_rows(tok, pairs[1:], max_len=64, source="prefs.jsonl")
+
+
+def test_nan_loss_stops_training_with_a_clear_error():
+    from types import SimpleNamespace
+
+    from posttrain.training import StopOnNaN
+
+    state, args = SimpleNamespace(global_step=7), SimpleNamespace(output_dir="models/sft.ckpt")
+    StopOnNaN().on_log(args, state, None, logs={"loss": 0.5})
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 7; the last good checkpoint is kept in "
+                                                 r"models/sft.ckpt"):
+        StopOnNaN().on_log(args, state, None, logs={"loss": float("nan")})
