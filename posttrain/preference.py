@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -89,24 +90,83 @@ class TokenCollator(DataCollatorForPreference):
         return out
 
 
-@torch.no_grad()
-def completion_logps(model, tok, rows: list[dict], batch_size: int, max_len: int) -> list[dict]:
-    """Per-token log-probs of each encoded row's chosen and rejected completion tokens under `model`."""
-    model.eval()
+@dataclass
+class PairCollator:
+    """Batches encoded pairs for `pair_logps`: each prompt once, left-padded to (B, P); the chosen and rejected
+    completions right-padded to (2B, C) as [chosen; rejected]; cached per-token columns (`ref_*_tok`,
+    `rhat_*_tok`) laid out like the completions, as `ref_tok` / `rhat_tok` (2B, C)."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        b = len(examples)
+        prompts = [e["prompt_ids"] for e in examples]
+        comps = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        p, c = max(map(len, prompts)), max(map(len, comps))
+        out = {"prompt_ids": torch.full((b, p), self.pad_token_id), "prompt_mask": torch.zeros(b, p, dtype=torch.long),
+               "completion_ids": torch.full((2 * b, c), self.pad_token_id),
+               "completion_mask": torch.zeros(2 * b, c, dtype=torch.long)}
+        for i, ids in enumerate(prompts):
+            out["prompt_ids"][i, p - len(ids):] = torch.tensor(ids)
+            out["prompt_mask"][i, p - len(ids):] = 1
+        for i, ids in enumerate(comps):
+            out["completion_ids"][i, : len(ids)] = torch.tensor(ids)
+            out["completion_mask"][i, : len(ids)] = 1
+        for name in ("ref", "rhat"):
+            if f"{name}_chosen_tok" not in examples[0]:
+                continue
+            rows = [e[f"{name}_chosen_tok"] for e in examples] + [e[f"{name}_rejected_tok"] for e in examples]
+            full = torch.zeros(2 * b, c, dtype=torch.float32)
+            for i, (values, ids) in enumerate(zip(rows, comps, strict=True)):
+                if len(values) != len(ids):
+                    raise ValueError(f"cached {name} values cover {len(values)} tokens, the completion has "
+                                     f"{len(ids)}: the cache was built with another tokenizer or max_len")
+                full[i, : len(ids)] = torch.tensor(values, dtype=torch.float32)
+            out[f"{name}_tok"] = full
+        return out
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token log-probs (2B, C) of the [chosen; rejected] completions of a `PairCollator` batch, 0 on padding.
+
+    The prompt, shared by both completions, runs once (its KV cache is repeated for the two), instead of twice as
+    in TRL's concatenated forward; with prompts ~10x longer than answers this halves a step. Gradients flow
+    through the cache, so the result (and its gradient) equals the concatenated forward up to float rounding.
+    """
     device = next(model.parameters()).device
-    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_len)
+    prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
+    comp_ids, comp_mask = batch["completion_ids"].to(device), batch["completion_mask"].to(device)
+    b = prompt_ids.size(0)
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
+                  logits_to_keep=1)
+    cache = first.past_key_values
+    twice = torch.cat([torch.arange(b), torch.arange(b)]).to(device)
+    cache.reorder_cache(twice)  # (B, ...) -> (2B, ...) as [prompt; prompt]
+    comp_pos = prompt_mask.sum(-1, keepdim=True)[twice] + torch.arange(comp_ids.size(1), device=device)
+    rest = model(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[twice], comp_mask], dim=1),
+                 position_ids=comp_pos, past_key_values=cache, use_cache=False)
+    # token j of a completion is predicted by the previous position: the prompt's last for j = 0
+    logits = torch.cat([first.logits[:, -1:][twice], rest.logits[:, :-1]], dim=1).float()
+    logps = torch.gather(logits.log_softmax(-1), 2, comp_ids[..., None]).squeeze(-1)
+    return logps * comp_mask
+
+
+@torch.no_grad()
+def completion_logps(model, tok, rows: list[dict], batch_size: int, max_len: int | None = None) -> list[dict]:
+    """Per-token log-probs of each encoded row's chosen and rejected completion tokens under `model`
+    (`encode` already cut every completion to fit max_len)."""
+    model.eval()
+    collate = PairCollator(pad_token_id=tok.pad_token_id)
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk])
-        ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        logps = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(-1)  # (2B, T-1)
-        shift = mask[:, 1:].bool()
+        logps = pair_logps(model, batch).cpu()
         n = len(chunk)
         for i, r in enumerate(chunk):
-            out.append({"id": r["id"], "chosen": logps[i][shift[i]].tolist(),
-                        "rejected": logps[n + i][shift[n + i]].tolist()})
+            out.append({"id": r["id"], "chosen": logps[i, : len(r["chosen_ids"])].tolist(),
+                        "rejected": logps[n + i, : len(r["rejected_ids"])].tolist()})
     return out
 
 
@@ -139,17 +199,13 @@ class PreferenceTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(mask == 0, -100)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                        use_cache=False, fused_lm_head=True)
-        shift = mask[:, 1:].float()  # (2B, T-1)
-        logps = outputs.log_probs[:, -shift.size(1):] * shift
-        ref = inputs["ref_tok"][:, 1:] if "ref_tok" in inputs else torch.zeros_like(logps)
-        rhat = inputs["rhat_tok"][:, 1:] if "rhat_tok" in inputs else None
-        c = lambda t: t.chunk(2, dim=0)  # noqa: E731  batch is [chosen, rejected]
-        (pc, pr), (rc, rr), (mc, mr) = c(logps), c(ref.to(logps.dtype)), c(shift)
-        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, *(c(rhat.to(logps.dtype)) if rhat is not None else ()))
+        logps = pair_logps(model, inputs)  # (2B, C): batch is [chosen, rejected]
+        mask = inputs["completion_mask"].to(logps.dtype)
+        ref = inputs["ref_tok"].to(logps.dtype) if "ref_tok" in inputs else torch.zeros_like(logps)
+        rhat = inputs["rhat_tok"].to(logps.dtype) if "rhat_tok" in inputs else None
+        c = lambda t: t.chunk(2, dim=0)  # noqa: E731
+        (pc, pr), (rc, rr), (mc, mr) = c(logps), c(ref), c(mask)
+        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, *(c(rhat) if rhat is not None else ()))
         per_example, chosen_rewards, rejected_rewards = losses.LOSSES[self.loss_name](batch, **self.loss_kwargs)
         loss = per_example.mean()
         if self.sft_weight > 0:  # RPO: NLL of the chosen completions, against likelihood displacement
@@ -162,7 +218,7 @@ class PreferenceTrainer(DPOTrainer):
         # likelihood displacement (seed 002 section 6.8): watch the chosen log-prob fall along with the rejected
         m["logps/chosen"].append(pc.sum(-1).mean().item())
         m["logps/rejected"].append(pr.sum(-1).mean().item())
-        if mode == "train":
-            self._total_train_tokens += int(inputs["attention_mask"].sum().item())
+        if mode == "train":  # tokens as TRL counts them: prompt + chosen, prompt + rejected
+            self._total_train_tokens += int(2 * inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
         m["num_tokens"] = [self._total_train_tokens]
-        return (loss, outputs) if return_outputs else loss
+        return (loss, SimpleNamespace(logits=logps)) if return_outputs else loss

@@ -105,7 +105,7 @@ def make_trainer(model, tok, dataset, params: VariantParams, common, device, out
     kwargs = {k: getattr(params, k) for k in ("beta", "alpha", "gamma", "length_normalize")}
     return preference.PreferenceTrainer(
         model=model, args=cfg, train_dataset=dataset, processing_class=tok,
-        data_collator=preference.TokenCollator(pad_token_id=tok.pad_token_id, max_length=common.max_len),
+        data_collator=preference.PairCollator(pad_token_id=tok.pad_token_id),
         peft_config=training.lora_config(params.lora_params) if params.lora else None,
         callbacks=[training.StopOnNaN()], loss=params.loss, loss_kwargs=kwargs, sft_weight=params.sft_weight)
 
