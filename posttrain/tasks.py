@@ -167,6 +167,13 @@ def make_prompt(task: str, rng: random.Random) -> dict[str, Any]:
     return {"task": task, "messages": [{"role": "user", "content": text}], "verifier": spec}
 
 
+def near_miss(spec: dict, rng: random.Random) -> str | None:
+    """A plausible wrong answer (off by a carry or a digit: the errors small models make), for number tasks only."""
+    if spec["type"] != "number":
+        return None
+    return str(spec["answer"] + rng.choice([-11, -10, -9, -2, -1, 1, 2, 9, 10, 11]))
+
+
 # --- the solver: spec -> a response scoring 1.0 ---------------------------------------------------------------
 
 

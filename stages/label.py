@@ -1,15 +1,21 @@
 """label: turn sampled responses into preference pairs with a judge (the gold verifier by default).
 
     dvc repro label
-    python -m stages.label --samples data/generate/samples.jsonl --out data/label
+    python -m stages.label --samples data/generate/samples.jsonl --reward-model models/reward_model \
+        --out data/label
 
-Per prompt, every sample is scored; the best becomes `chosen` and the worst `rejected` when their scores differ by
-at least `label.margin` (and strictly). Dropped, and counted in `stats.json`: prompts whose samples all tie (or
-differ by less than the margin), pairs whose two texts are equal, empty responses, and repeated prompts.
+Per prompt, every sample is scored by the judge (`label.judge`): the gold `verifier` (default), or the
+`reward_model` stage's Bradley-Terry model, for data with no verifier. The best becomes `chosen` and the worst
+`rejected` when they differ by at least `label.margin` in verifier score, or, with the reward model, when it
+prefers the best with probability sigma(r_best - r_worst) >= `label.min_prob`. Dropped, and counted in
+`stats.json`: prompts whose samples all tie (or differ by less than the gap), pairs whose two texts are equal,
+empty responses, and repeated prompts. With the reward model as judge, `stats.json` also gives `gold_agreement`:
+the share of kept pairs whose chosen response the gold verifier also scores higher (where verifiers exist).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
@@ -19,39 +25,64 @@ from posttrain import cli, io, tasks
 
 @dataclass
 class LabelParams:
-    judge: Literal["verifier"] = "verifier"
-    """Who scores samples: 'verifier' = each prompt's gold verifier spec."""
+    judge: Literal["verifier", "reward_model"] = "verifier"
+    """Who scores samples: 'verifier' = each prompt's gold verifier spec; 'reward_model' = the reward_model stage."""
     margin: float = 0.5
-    """Minimum score gap between chosen and rejected; 0.5 keeps only clear wins (e.g. right vs wrong answer)."""
+    """Verifier judge: minimum score gap between chosen and rejected; 0.5 keeps only clear wins."""
+    min_prob: float = 0.75
+    """Reward-model judge: keep a pair when sigma(r_chosen - r_rejected) >= min_prob."""
+    batch_size: int = 32
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin <= 1:
             raise ValueError(f"margin must be in [0, 1], got {self.margin}")
+        if not 0.5 <= self.min_prob < 1:
+            raise ValueError(f"min_prob must be in [0.5, 1), got {self.min_prob}")
+
+    def gap(self) -> float:
+        """The score gap a pair needs, in the judge's units (a reward difference for the reward model)."""
+        return self.margin if self.judge == "verifier" else math.log(self.min_prob / (1 - self.min_prob))
 
 
-def make_pairs(rows: list[dict], margin: float, source: str) -> tuple[list[dict], Counter]:
-    dropped: Counter = Counter()
-    seen: set[str] = set()
-    pairs = []
+def verifier_scores(rows: list[dict], source: str) -> list[list[float]]:
+    out = []
     for i, row in enumerate(rows, start=1):
         if row["verifier"] is None:
             raise io.InputError(f"{source}: row {i}: field 'verifier': null, but label.judge is 'verifier'")
+        try:
+            out.append([tasks.score(row["verifier"], s) for s in row["samples"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise io.InputError(f"{source}: row {i}: field 'verifier': {e!r}") from e
+    return out
+
+
+def reward_scores(rows: list[dict], model_dir: str, common, batch_size: int) -> list[list[float]]:
+    from posttrain import modeling, reward
+
+    model, tok = reward.load(model_dir, modeling.device_for(common.device), common.trust_remote_code)
+    flat = [row["messages"] + [{"role": "assistant", "content": s}] for row in rows for s in row["samples"]]
+    scores = iter(reward.score(model, tok, flat, batch_size, common.max_len))
+    return [[next(scores) for _ in row["samples"]] for row in rows]
+
+
+def make_pairs(rows: list[dict], scores: list[list[float]], gap: float) -> tuple[list[dict], Counter]:
+    dropped: Counter = Counter()
+    seen: set[str] = set()
+    pairs = []
+    for row, row_scores in zip(rows, scores, strict=True):
         key = row["messages"][-1]["content"]
         if key in seen:
             dropped["duplicate_prompt"] += 1
             continue
         seen.add(key)
-        candidates = [s for s in row["samples"] if s.strip()]
+        candidates = [(x, s) for x, s in zip(row_scores, row["samples"], strict=True) if s.strip()]
         dropped["empty_response"] += len(row["samples"]) - len(candidates)
         if len(candidates) < 2:
             dropped["fewer_than_two_responses"] += 1
             continue
-        try:
-            scored = sorted(((tasks.score(row["verifier"], s), s) for s in candidates), key=lambda t: -t[0])
-        except (KeyError, TypeError, ValueError) as e:
-            raise io.InputError(f"{source}: row {i}: field 'verifier': {e!r}") from e
+        scored = sorted(candidates, key=lambda t: -t[0])
         (best, chosen), (worst, rejected) = scored[0], scored[-1]
-        if best <= worst or best - worst < margin:
+        if best <= worst or best - worst < gap:
             dropped["tie"] += 1
             continue
         if chosen.strip() == rejected.strip():
@@ -64,20 +95,31 @@ def make_pairs(rows: list[dict], margin: float, source: str) -> tuple[list[dict]
 
 def run(common, params: LabelParams, args) -> dict:
     rows = io.read_jsonl(args.samples, "samples")
-    pairs, dropped = make_pairs(rows, params.margin, args.samples)
+    if params.judge == "verifier":
+        scores = verifier_scores(rows, args.samples)
+    else:
+        scores = reward_scores(rows, args.reward_model, common, params.batch_size)
+    pairs, dropped = make_pairs(rows, scores, params.gap())
     if not pairs:
         raise io.InputError(f"{args.samples}: no preference pair survived (dropped: {dict(dropped)}); sample more "
-                            "responses per prompt, raise the temperature or lower label.margin")
-    stats = {"prompts": len(rows), "pairs": len(pairs), "dropped": dict(dropped)}
+                            "responses per prompt, raise the temperature or lower label.margin / label.min_prob")
+    stats = {"judge": params.judge, "prompts": len(rows), "pairs": len(pairs), "dropped": dict(dropped)}
+    verifiers = {r["id"]: r["verifier"] for r in rows}
+    if params.judge != "verifier" and all(verifiers[p["id"]] for p in pairs):  # how often the judge was right
+        right = sum(tasks.score(verifiers[p["id"]], p["chosen"]) > tasks.score(verifiers[p["id"]], p["rejected"])
+                    for p in pairs)
+        stats["gold_agreement"] = right / len(pairs)
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "prefs.jsonl", pairs)
         io.write_json(tmp / "stats.json", stats)
-    return {"prompts": len(rows), "pairs": len(pairs)} | {f"dropped_{k}": v for k, v in dropped.items()}
+    return {k: v for k, v in stats.items() if k not in ("judge", "dropped")} | {
+        f"dropped_{k}": v for k, v in dropped.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(__doc__)
     p.add_argument("--samples", required=True, help="sampled responses (JSONL, schema `samples`)")
+    p.add_argument("--reward-model", default="models/reward_model", help="reward_model stage output (judge)")
     p.add_argument("--out", required=True, help="output folder: prefs.jsonl, stats.json")
     return cli.execute("label", LabelParams, p.parse_args(argv), run)
 

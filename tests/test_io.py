@@ -66,7 +66,7 @@ def test_label_counts_every_drop():
         row | {"id": "r4", "messages": [{"role": "user", "content": "3+3?"}],
                "verifier": {"type": "number", "answer": 6}, "samples": ["", "6"]},  # one non-empty response left
     ]
-    pairs, dropped = label.make_pairs(rows, margin=0.5, source="samples.jsonl")
+    pairs, dropped = label.make_pairs(rows, label.verifier_scores(rows, "samples.jsonl"), gap=0.5)
     assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("r1", "2", "3")]
     assert pairs[0]["rejected_score"] == pytest.approx(0.25)
     assert dropped == {"duplicate_prompt": 1, "tie": 1, "empty_response": 2, "fewer_than_two_responses": 1}
@@ -75,7 +75,7 @@ def test_label_counts_every_drop():
 def test_label_names_a_bad_verifier():
     rows = [GOOD_PROMPT | {"verifier": {"type": "number"}, "samples": ["1", "2"]}]
     with pytest.raises(io.InputError, match=r"samples.jsonl: row 1: field 'verifier': KeyError"):
-        label.make_pairs(rows, margin=0.5, source="samples.jsonl")
+        label.verifier_scores(rows, "samples.jsonl")
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):

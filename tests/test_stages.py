@@ -8,7 +8,19 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import io, modeling, tasks
-from stages import dpo, evaluate, generate, guidance, label, prepare, reference, report, sft, token_reward
+from stages import (
+    dpo,
+    evaluate,
+    generate,
+    guidance,
+    label,
+    prepare,
+    reference,
+    report,
+    reward_model,
+    sft,
+    token_reward,
+)
 from tests.conftest import tiny_params
 
 VARIANTS = {
@@ -36,7 +48,12 @@ def pipeline(workdir):
                            "--out", d("models/sft")])
     out["generate"] = generate.main(["--params", p, "--model", d("models/sft"), "--prompts",
                                      d("data/prepare/train.jsonl"), "--out", d("data/samples.jsonl")])
-    out["label"] = label.main(["--params", p, "--samples", d("data/samples.jsonl"), "--out", d("data/label")])
+    out["reward_model"] = reward_model.main(["--params", p, "--model", d("models/sft"), "--prefs",
+                                             d("data/prepare/rm_prefs.jsonl"), "--samples", d("data/samples.jsonl"),
+                                             "--out", d("models/reward_model"), "--metrics",
+                                             d("reports/reward_model.json")])
+    out["label"] = label.main(["--params", p, "--samples", d("data/samples.jsonl"), "--reward-model",
+                               d("models/reward_model"), "--out", d("data/label")])
     prefs = ["--prefs", d("data/label/prefs.jsonl")]
     out["reference"] = reference.main(["--params", p, "--model", d("models/sft"), *prefs, "--out",
                                        d("data/reference")])
@@ -62,7 +79,8 @@ def pipeline(workdir):
 
 def test_prepare_splits_are_disjoint_and_demos_correct(pipeline):
     d = pipeline["dir"] / "data/prepare"
-    assert sorted(f.name for f in d.iterdir()) == ["eval.jsonl", "sft.jsonl", "stats.json", "train.jsonl"]
+    assert sorted(f.name for f in d.iterdir()) == ["eval.jsonl", "rm_prefs.jsonl", "sft.jsonl", "stats.json",
+                                                   "train.jsonl"]
     train, ev = io.read_jsonl(d / "train.jsonl", "prompts"), io.read_jsonl(d / "eval.jsonl", "prompts")
     demos = io.read_jsonl(d / "sft.jsonl", "sft")
     assert (len(train), len(ev), len(demos)) == (12, 10, 12)
@@ -179,6 +197,73 @@ def test_token_reward_model(pipeline):
     assert abs(float(flat.mean())) < 1e-4 and abs(float(flat.std()) - 1) < 1e-3  # standardised, scale 1
 
 
+def test_reward_model_trains_its_head_and_measures_agreement(pipeline):
+    from safetensors.torch import load_file
+
+    w = pipeline["dir"]
+    head = load_file(str(w / "models/reward_model/head.safetensors"))["weight"]
+    assert head.abs().sum() > 0, "the head starts at zero: training must have moved it"
+    m = pipeline["reward_model"]
+    rm_pairs = io.read_jsonl(w / "data/prepare/rm_prefs.jsonl", "prefs")
+    assert len(rm_pairs) == 16 and m["train_pairs"] + m["heldout_pairs"] == 16
+    assert all(p["chosen_score"] > p["rejected_score"] for p in rm_pairs)
+    assert 0 <= m["heldout_accuracy"] <= 1 and 0 <= m["verifier_agreement"] <= 1
+    assert m["agreement_prompts"] == 6
+
+
+def test_label_with_the_reward_model_as_judge(pipeline, tmp_path):
+    """judge: reward_model ranks samples by reward; pairs keep sigma(r_w - r_l) >= min_prob; verifier not needed."""
+    from posttrain import reward
+
+    w = pipeline["dir"]
+    p = tiny_params(tmp_path, label={"judge": "reward_model", "min_prob": 0.5})
+    rows = io.read_jsonl(w / "data/samples.jsonl", "samples")
+    no_verifier = tmp_path / "samples.jsonl"
+    io.write_jsonl(no_verifier, [r | {"verifier": None} for r in rows])
+    out = label.main(["--params", str(p), "--samples", str(no_verifier), "--reward-model",
+                      str(w / "models/reward_model"), "--out", str(tmp_path / "label")])
+    pairs = io.read_jsonl(tmp_path / "label/prefs.jsonl", "prefs")
+    assert out["pairs"] == len(pairs) > 0
+    model, tok = reward.load(w / "models/reward_model", torch.device("cpu"))
+    for pair in pairs[:3]:
+        r_w, r_l = reward.score(model, tok, [pair["prompt"] + [{"role": "assistant", "content": pair[s]}]
+                                             for s in ("chosen", "rejected")])
+        assert r_w > r_l
+        assert pair["chosen_score"] == pytest.approx(r_w, abs=1e-4)
+
+
+def test_shared_prompt_forward_equals_the_concatenated_forward(workdir):
+    """pair_logps runs each prompt once (KV cache repeated for both completions): same log-probs and gradients
+    as TRL's concatenated [prompt + chosen; prompt + rejected] forward, with prompts of different lengths."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from posttrain import preference
+
+    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+    model = modeling.load_chain(workdir / "models/base")
+    pairs = [{"id": str(i), "prompt": [{"role": "user", "content": "What is 1 + 2?" + " Go on." * i}],
+              "chosen": "3", "rejected": f"It is {i} or so"} for i in range(3)]
+    rows, _ = preference.encoded_rows(tok, pairs, 96, "x")
+    plain = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=96)(
+        [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows])
+    logits = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits[:, :-1]
+    want = torch.gather(logits.log_softmax(-1), 2, plain["input_ids"][:, 1:, None]).squeeze(-1)
+    shift = plain["completion_mask"][:, 1:].bool()
+    want.masked_fill(~shift, 0).sum().backward()
+    grads = {k: v.grad.clone() for k, v in model.named_parameters()}
+    model.zero_grad()
+    batch = preference.PairCollator(tok.pad_token_id)([{k: r[k] for k in ("prompt_ids", "chosen_ids",
+                                                                          "rejected_ids")} for r in rows])
+    assert batch["prompt_mask"].sum(-1).unique().numel() == 3, "prompts of three lengths (left padding)"
+    got = preference.pair_logps(model, batch)
+    for i in range(len(rows) * 2):
+        n = int(batch["completion_mask"][i].sum())
+        assert torch.allclose(got[i, :n], want[i][shift[i]], atol=1e-5)
+    got.sum().backward()
+    for k, v in model.named_parameters():  # float rounding only: relative to each tensor's largest entry
+        assert (v.grad - grads[k]).abs().max() <= 1e-5 * grads[k].abs().max(), k
+
+
 def test_evaluate_and_report(pipeline):
     w = pipeline["dir"]
     for name in ("base", "sft", "dpo"):
@@ -203,7 +288,8 @@ def test_one_mlflow_run_per_stage(pipeline):
     mlflow.set_tracking_uri(f"sqlite:///{pipeline['dir'] / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["posttrain"])
     names = set(runs["tags.mlflow.runName"])
-    assert names == {"base", "prepare", "sft", "generate", "label", "reference", "token_reward", "guidance@dpo",
+    assert names == {"base", "prepare", "sft", "generate", "reward_model", "label", "reference", "token_reward",
+                     "guidance@dpo",
                      "guidance@token_reward", "evaluate@base", "evaluate@sft", "evaluate@dpo", "report"} | {
         f"dpo@{v}" for v in VARIANTS}
     assert (runs["tags.mlflow.runName"] == "sft").sum() == 1

@@ -1,0 +1,136 @@
+"""reward_model: a Bradley-Terry sequence reward model, trained with TRL's RewardTrainer.
+
+    dvc repro reward_model
+    python -m stages.reward_model --model models/sft --prefs data/prepare/rm_prefs.jsonl \
+        --samples data/generate/samples.jsonl --out models/reward_model --metrics reports/reward_model/metrics.json
+
+A scalar head on the last token of the frozen SFT backbone (`reward.build`), trained on the offline pairs of
+`prepare` (rm_prefs.jsonl: the role a human-labelled preference set plays in RLHF) minus a held-out slice
+(`heldout_fraction`, by id hash). Measured, in metrics.json:
+- `heldout_accuracy`: r(chosen) > r(rejected) on the held-out pairs;
+- `verifier_agreement`: on the policy's own samples (the first `agreement_prompts` prompts of samples.jsonl), the
+  share of response pairs with different gold scores that the reward model orders the same way as the verifier;
+- `best_of_n_pass_rate` vs `mean_pass_rate`: gold pass rate of the reward model's top pick among each prompt's
+  samples, against a random pick. This is what `label.judge: reward_model` will rely on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+import torch
+
+from posttrain import cli, config, io, modeling, reward, tasks, training
+from stages.token_reward import is_heldout
+
+
+@dataclass
+class RewardModelParams:
+    heldout_fraction: float = 0.2
+    learning_rate: float = 1.0e-2
+    """A linear head from zero on frozen features: a probe's learning rate."""
+    epochs: float = 1.0
+    batch_size: int = 8
+    agreement_prompts: int = 100
+    """Prompts of samples.jsonl scored for the verifier-agreement and best-of-N figures (0 = skip)."""
+    logging_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.learning_rate <= 0 or self.epochs <= 0:
+            raise ValueError("learning_rate and epochs must be > 0")
+        if self.agreement_prompts < 0:
+            raise ValueError(f"agreement_prompts must be >= 0, got {self.agreement_prompts}")
+
+
+def _conversation(pair: dict, side: str) -> list[dict]:
+    return pair["prompt"] + [{"role": "assistant", "content": pair[side]}]
+
+
+def heldout_accuracy(model, tok, pairs: list[dict], max_len: int) -> float:
+    chosen = reward.score(model, tok, [_conversation(p, "chosen") for p in pairs], max_len=max_len)
+    rejected = reward.score(model, tok, [_conversation(p, "rejected") for p in pairs], max_len=max_len)
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(len(pairs), 1)
+
+
+def agreement(model, tok, rows: list[dict], max_len: int, seed: int) -> dict[str, float]:
+    """Pairwise ordering agreement with the gold verifier, and best-of-N by reward vs a random pick."""
+    rng = random.Random(seed)
+    agree = total = 0
+    best = mean = 0.0
+    scored = 0
+    for row in rows:
+        if row["verifier"] is None:
+            continue
+        texts = [s for s in row["samples"] if s.strip()]
+        if not texts:
+            continue
+        gold = [tasks.score(row["verifier"], s) for s in texts]
+        r = reward.score(model, tok, [row["messages"] + [{"role": "assistant", "content": s}] for s in texts],
+                         max_len=max_len)
+        for i, j in itertools.combinations(range(len(texts)), 2):
+            if gold[i] != gold[j]:
+                total += 1
+                agree += (gold[i] > gold[j]) == (r[i] > r[j])
+        top = max(range(len(texts)), key=lambda k: (r[k], -k))
+        best += gold[top] == 1.0
+        mean += gold[rng.randrange(len(texts))] == 1.0
+        scored += 1
+    n = max(scored, 1)
+    return {"verifier_agreement": agree / max(total, 1), "agreement_pairs": total,
+            "best_of_n_pass_rate": best / n, "mean_pass_rate": mean / n, "agreement_prompts": scored}
+
+
+def run(common, params: RewardModelParams, args) -> dict:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    pairs = io.read_jsonl(args.prefs, "prefs")
+    if not pairs:
+        raise io.InputError(f"{args.prefs}: no preference pairs to train the reward model on (prepare writes them "
+                            "for the builtin tasks only: set prepare.n_rm > 0, or point --prefs at your own pairs)")
+    samples = io.read_jsonl(args.samples, "samples")[: params.agreement_prompts]
+    device = modeling.device_for(common.device)
+    base, _ = modeling.model_chain(args.model)
+    tok = modeling.load_tokenizer(base, padding_side="right")
+    modeling.check_template(tok)
+    train = [p for p in pairs if not is_heldout(p["id"], params.heldout_fraction)]
+    held = [p for p in pairs if is_heldout(p["id"], params.heldout_fraction)]
+    torch.manual_seed(common.seed)
+    model = reward.build(modeling.load_chain(args.model, device, common.trust_remote_code), tok.pad_token_id)
+    model.model.requires_grad_(False)  # the head alone learns: a step costs about one forward pass
+    data = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in train])
+    cfg = RewardConfig(
+        output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
+        num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size, max_length=common.max_len,
+        logging_steps=params.logging_steps, seed=common.seed,
+        **training.device_args(device) | {"save_strategy": "no"})  # a 1-minute stage; only the head is trained
+    trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
+                            callbacks=[training.StopOnNaN()])
+    result = trainer.train()
+    model.eval()
+    metrics = {"heldout_accuracy": heldout_accuracy(model, tok, held, common.max_len),
+               "train_pairs": len(train), "heldout_pairs": len(held), "train_loss": result.training_loss}
+    metrics |= agreement(model, tok, samples, common.max_len, common.seed)
+    resolved = {"reward_model": config.to_dict(params), "common": config.to_dict(common)}
+    reward.save(model, args.out, args.model, resolved)
+    io.write_json(args.metrics, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="backbone: the SFT model (checkpoint or adapter chain)")
+    p.add_argument("--prefs", required=True, help="training pairs (JSONL, schema `prefs`)")
+    p.add_argument("--samples", required=True, help="the policy's samples (JSONL, schema `samples`), for agreement")
+    p.add_argument("--out", required=True, help="output folder: head.safetensors, backbone.json")
+    p.add_argument("--metrics", required=True, help="metrics.json path")
+    return cli.execute("reward_model", RewardModelParams, p.parse_args(argv), run)
+
+
+if __name__ == "__main__":
+    main()
