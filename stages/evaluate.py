@@ -2,19 +2,31 @@
 
     dvc repro evaluate                 # every model in evaluate.models
     python -m stages.evaluate --name sft --model models/sft --prompts data/prepare/eval.jsonl \
-        --out reports/evaluate/sft
+        --general posttrain/data/general.txt --out reports/evaluate/sft
 
 One DVC stage per model (`foreach` over `evaluate.models`), so a new DPO variant is evaluated without re-running
 the others. Writes `answers.jsonl` (id, task, response, score, passed) and `metrics.json`: gold pass rate (score
 1.0), mean gold score and response length, each with a 95% bootstrap interval. Win rates against a reference model
 are computed from these answers by `report`.
+
+The alignment tax: `general_ppl`, the model's perplexity on a small general-English text shipped with the repo
+(`posttrain/data/general.txt`, ~4 KB of self-written prose on nothing the tasks ask), in non-overlapping windows of
+`general_window` tokens. A post-trained model that forgot English shows it here. `metrics.json` also records the
+evaluated folder (`model`) and, for a merged model, its `merge.json` (method, alpha, endpoints) for `report`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from posttrain import cli, io, modeling, sampling, stats, tasks
+
+GENERAL_TEXT = Path(__file__).resolve().parents[1] / "posttrain" / "data" / "general.txt"
 
 
 @dataclass
@@ -25,10 +37,30 @@ class EvaluateParams:
     batch_size: int = 64
     n_bootstrap: int = 1000
     """Bootstrap resamples for the 95% intervals."""
+    general_window: int = 256
+    """Tokens per window of the general-text perplexity (each window starts without context)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.n_bootstrap < 100:
             raise ValueError("max_new_tokens and batch_size must be >= 1, n_bootstrap >= 100")
+        if self.general_window < 2:
+            raise ValueError(f"general_window must be >= 2, got {self.general_window}")
+
+
+@torch.no_grad()
+def perplexity(model, tok, text: str, window: int) -> tuple[float, int]:
+    """exp(mean next-token NLL) over `text` cut into non-overlapping windows; and the number of tokens scored."""
+    ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
+    device = next(model.parameters()).device
+    model.eval()
+    nll, n = 0.0, 0
+    for chunk in ids.split(window):
+        if len(chunk) < 2:
+            continue
+        logits = model(chunk[None].to(device)).logits[0, :-1].float()  # (T-1, V)
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[1:].to(device), reduction="sum"))
+        n += len(chunk) - 1
+    return math.exp(nll / n), n
 
 
 def run(common, params: EvaluateParams, args) -> dict:
@@ -37,6 +69,9 @@ def run(common, params: EvaluateParams, args) -> dict:
     if missing:
         raise io.InputError(f"{args.prompts}: row {missing[0]}: field 'verifier': null; evaluation needs gold "
                             "verifiers")
+    text = Path(args.general).read_text(encoding="utf-8") if Path(args.general).is_file() else ""
+    if not text.strip():
+        raise io.InputError(f"{args.general}: missing or empty: no general text to score the alignment tax on")
     device = modeling.device_for(common.device)
     base, _ = modeling.model_chain(args.model)
     tok = modeling.load_tokenizer(base)
@@ -50,7 +85,12 @@ def run(common, params: EvaluateParams, args) -> dict:
         s = tasks.score(p["verifier"], r)
         answers.append({"id": p["id"], "task": p["task"], "response": r, "score": s, "passed": s == 1.0,
                         "length": len(tok(r, add_special_tokens=False).input_ids)})
-    metrics = stats.summarise(answers, params.n_bootstrap, common.seed)
+    ppl, n_tokens = perplexity(model, tok, text, params.general_window)
+    metrics = stats.summarise(answers, params.n_bootstrap, common.seed) | {
+        "general_ppl": ppl, "general_tokens": n_tokens, "model": str(args.model)}
+    merge_info = Path(args.model) / "merge.json"
+    if merge_info.exists():
+        metrics["merge"] = json.loads(merge_info.read_text())
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "answers.jsonl", answers)
         io.write_json(tmp / "metrics.json", metrics)
@@ -62,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--name", required=True, help="the model's name in evaluate.models")
     p.add_argument("--model", required=True, help="checkpoint or adapter chain")
     p.add_argument("--prompts", required=True, help="held-out prompts (JSONL, schema `prompts`)")
+    p.add_argument("--general", default=str(GENERAL_TEXT), help="plain text for the general-English perplexity "
+                   "(default: the one shipped in posttrain/data)")
     p.add_argument("--out", required=True, help="output folder: answers.jsonl, metrics.json")
     args = p.parse_args(argv)
     return cli.execute("evaluate", EvaluateParams, args, run, run_name=f"evaluate@{args.name}")
