@@ -1,4 +1,10 @@
-"""The few lines every stage's `main` shares: parse params, open the stage's MLflow run, log what `run` returns."""
+"""The few lines every stage's `main` shares: parse params, open the stage's MLflow run, log what `run` returns.
+
+With `common.launcher` naming an accelerate config, a training stage (`LAUNCHED`) first re-executes itself as
+`accelerate launch --config_file <config> -m stages.<name> <its arguments>`: dvc.yaml's commands stay plain
+`python -m stages.<name> ...` and the same stage runs on one CPU, one GPU or several GPUs and machines. Under a
+launcher every process runs the stage; only the main one opens the MLflow run and writes the outputs.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,19 @@ import logging
 import os
 import resource
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from posttrain import config, tracking
+
+LAUNCHED = ("sft", "dpo")
+"""Stages that go through `common.launcher`: each trains with a transformers Trainer and saves via
+`training.save` (gathered weights, main process only). Evaluation, sampling (vLLM splits a model over GPUs itself,
+`generate.tensor_parallel_size`) and the token reward (a linear head on a frozen backbone) run as one process."""
+
+MARKER = "POSTTRAIN_LAUNCHED"
+"""Set in the environment of the re-executed command, so a stage never launches itself twice."""
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -20,12 +35,65 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def under_launcher(env: Mapping[str, str]) -> bool:
+    """True inside a process started by `accelerate launch` / torchrun (or by our own re-execution)."""
+    return MARKER in env or "LOCAL_RANK" in env or "ACCELERATE_MIXED_PRECISION" in env
+
+
+def is_main_process(env: Mapping[str, str] = os.environ) -> bool:
+    """Rank 0 of all processes of all machines (torchrun's RANK), or the only process."""
+    return int(env.get("RANK", "0")) == 0
+
+
+def relaunches(stage: str, launcher: str, env: Mapping[str, str]) -> bool:
+    return bool(launcher) and stage in LAUNCHED and not under_launcher(env)
+
+
+def stage_argv(args: argparse.Namespace) -> list[str]:
+    """The command-line arguments that parse back into `args` (every stage option is `--name value`)."""
+    argv: list[str] = []
+    for dest, value in vars(args).items():
+        if value is None:
+            continue
+        if not isinstance(value, (str, int, float, Path)) or isinstance(value, bool):
+            raise TypeError(f"--{dest}: cannot pass {value!r} on to the relaunched stage")
+        argv += [f"--{dest.replace('_', '-')}", str(value)]
+    return argv
+
+
+def launch_command(stage: str, args: argparse.Namespace, launcher: str) -> list[str]:
+    """`accelerate launch` (from this interpreter's environment) running `python -m stages.<stage>` on `args`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher, "-m", f"stages.{stage}",
+            *stage_argv(args)]
+
+
+def _relaunch(stage: str, args: argparse.Namespace, launcher: str) -> None:
+    """Replace this process by the launched command (signals from dvc or Prefect then reach accelerate)."""
+    if not Path(launcher).is_file():
+        sys.exit(f"error: {args.params}: common.launcher: {launcher}: no such accelerate config file")
+    cmd = launch_command(stage, args, launcher)
+    logging.getLogger(__name__).info("relaunching: %s", " ".join(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, {**os.environ, MARKER: "1"})
+
+
+def _use_local_gpu() -> None:
+    """Under a multi-process launcher, 'cuda' means this process's GPU (LOCAL_RANK), not GPU 0 for every rank."""
+    if "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
 def execute(stage: str, params_cls: type, args: argparse.Namespace, fn: Callable[..., dict[str, Any]],
             run_name: str | None = None, block: Any = None) -> dict[str, Any]:
     """Load `common` + the stage's block, run `fn(common, params, args)` inside an MLflow run, log its metrics.
 
     Errors about bad input or params end the process with exit code 2 and the message alone (no traceback): they
-    name the file, row and field, which is all the user needs.
+    name the file, row and field, which is all the user needs. With `common.launcher` set, a stage of `LAUNCHED`
+    does not return: it becomes `accelerate launch ... -m stages.<stage>` with the same arguments.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,10 +101,18 @@ def execute(stage: str, params_cls: type, args: argparse.Namespace, fn: Callable
         common, params = config.load(params_cls, stage, args.params) if block is None else block(args)
     except config.ParamsError as e:
         sys.exit(f"error: {e}")
-    paths = {k: str(v) for k, v in vars(args).items() if k != "params"}
-    cfg = tracking.resolved_config(stage, common, params, paths)
+    if relaunches(stage, common.launcher, os.environ):
+        _relaunch(stage, args, common.launcher)
+    _use_local_gpu()
     from posttrain.io import InputError
 
+    if not is_main_process():  # the other ranks train alongside; rank 0 records the run
+        try:
+            return fn(common, params, args)
+        except InputError as e:
+            sys.exit(f"error: {e}")
+    paths = {k: str(v) for k, v in vars(args).items() if k != "params"}
+    cfg = tracking.resolved_config(stage, common, params, paths)
     with tracking.stage_run(run_name or stage, cfg, common.mlflow_uri, common.mlflow_experiment):
         try:
             metrics = fn(common, params, args)

@@ -37,10 +37,16 @@ class Common:
     """Prompt + response tokens per training row; longer rows are dropped and counted, memory grows linearly."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub checkpoint; off unless you trust its source."""
+    launcher: str = ""
+    """'' runs the training stages as plain python; a path to an accelerate config (configs/accelerate/*.yaml)
+    makes them re-execute under `accelerate launch --config_file <path>` (posttrain.cli.LAUNCHED)."""
 
     def __post_init__(self) -> None:
         if self.max_len < 16:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
+        if self.launcher and not self.launcher.endswith((".yaml", ".yml", ".json")):
+            raise ValueError(f"launcher must be '' or an accelerate config file (.yaml/.json), got "
+                             f"{self.launcher!r}")
 
 
 def _type_name(tp: Any) -> str:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 
@@ -70,15 +71,33 @@ def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float,
 
 def sample_vllm(model, tok, prompts: list[list[dict]], n: int, temperature: float, max_new_tokens: int,
                 seed: int, tensor_parallel_size: int = 1) -> list[list[str]]:
-    from vllm import LLM, SamplingParams
+    """`sample_hf`'s rows from vLLM, on `tensor_parallel_size` GPUs.
 
-    with tempfile.TemporaryDirectory() as tmp:  # vLLM loads a merged checkpoint from disk
+    vLLM loads a plain checkpoint, not an adapter chain: `model` is the policy already merged by
+    `modeling.load_chain`, saved to a temporary folder, then moved to the CPU (in place: the caller's `model` is
+    on the CPU afterwards) so that vLLM has the GPU memory. Each prompt goes in as the token ids `sample_hf` feeds
+    (chat template, no extra BOS: vLLM would add the tokenizer's BOS to a text prompt) and is sampled over the full
+    vocabulary (vLLM's top_p/top_k defaults) with the model's repetition penalty, as HF `generate` applies it,
+    stopping at the tokenizer's EOS. Sample j of prompt i has its own seed, `seed + i * n + j` (vLLM adds the
+    sample index to a request's seed), so a row does not depend on how vLLM batches the requests.
+    """
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = [tok(modeling.render_prompt(tok, p), add_special_tokens=False).input_ids for p in prompts]
+    penalty = getattr(model.generation_config, "repetition_penalty", None) or 1.0
+    per_prompt = [SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed + i * n,
+                                 repetition_penalty=penalty, stop_token_ids=[tok.eos_token_id],
+                                 skip_special_tokens=True) for i in range(len(prompts))]
+    with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        llm = LLM(model=tmp, seed=seed, tensor_parallel_size=tensor_parallel_size, dtype="bfloat16")
-        sp = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
-        texts = [modeling.render_prompt(tok, p) for p in prompts]
-        results = llm.generate(texts, sp)
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        llm = LLM(model=tmp, tokenizer=tmp, seed=seed, tensor_parallel_size=tensor_parallel_size, dtype="bfloat16")
+        results = llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], per_prompt, use_tqdm=False)
+        del llm  # frees vLLM's GPU memory for whatever the process does next
+        gc.collect()
     return [[o.text.strip() for o in r.outputs] for r in results]
 
 

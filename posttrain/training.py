@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +63,36 @@ class StopOnNaN(TrainerCallback):
                                      f"checkpoint is kept in {args.output_dir}")
 
 
+def full_state_dict(model) -> dict | None:
+    """The whole weights of a model sharded by `accelerate launch` (ZeRO-3, FSDP), on the main process; None when
+    every process holds them whole (one process, DDP). Every process must call it: the gather is collective."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        import deepspeed
+
+        from posttrain import cli
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            full = model.state_dict() if cli.is_main_process() else {}
+            return {k: v.detach().cpu().clone() for k, v in full.items()}
+    return None
+
+
 def save(model, out: str | Path, base: str | Path, parents: list[str | Path], resolved: dict) -> None:
-    """Write the trained adapter (or full model) with `chain.json` and the resolved params, atomically."""
+    """Write the trained adapter (or full model) with `chain.json` and the resolved params, atomically.
+
+    Under `accelerate launch` every process calls this; the weights are gathered and the main process writes."""
+    from posttrain import cli
+
     out = Path(out)
+    state_dict = full_state_dict(model)
+    if not cli.is_main_process():
+        return
     with io.atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if (tmp / "adapter_config.json").exists():
             chain = {"base": str(base), "adapters": [str(p) for p in parents] + [str(out)]}
             (tmp / "chain.json").write_text(json.dumps(chain, indent=2) + "\n")
