@@ -1,0 +1,240 @@
+"""Iterative DPO (flows/iterative.py) on the tiny profile: rounds end to end, promotion and the registry alias, a
+no-op re-run, a SIGKILLed round resumed; and the `serve` deployment on a real local Prefect server adding a round."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _env(repo: Path) -> dict:
+    return os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
+
+
+def _set(repo: Path, **iterative) -> None:
+    """Override keys of the `iterative` block (and `dpo_defaults`) in the repo's params.yaml."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["dpo"]["defaults"] |= iterative.pop("dpo_defaults", {})
+    params["iterative"] |= iterative
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, workdir) -> Path:
+    """A git + DVC repo on the tiny profile holding what rounds read: data/prepare, models/base, models/sft."""
+    from stages import prepare, sft
+
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in ("stages", "posttrain", "profiles", "flows"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
+    _own_store(repo)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=_env(repo))
+    with contextlib.chdir(repo):  # relative paths, as dvc.yaml passes them (chain.json records them)
+        prepare.main(["--out", "data/prepare"])
+        shutil.copytree(workdir / "models" / "base", "models/base")  # the session's tiny base model
+        sft.main(["--model", "models/base", "--data", "data/prepare/sft.jsonl", "--out", "models/sft"])
+    return repo
+
+
+def _own_store(repo: Path) -> None:
+    """An absolute MLflow URI: several repos share this test process, where a relative one would follow the cwd."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["common"]["mlflow_uri"] = f"sqlite:///{repo / 'mlflow.db'}"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _copy(pipeline: Path, dst: Path) -> Path:
+    shutil.copytree(pipeline, dst, symlinks=True, ignore=shutil.ignore_patterns("rounds", "mlflow.db", "mlruns"))
+    _own_store(dst)
+    return dst
+
+
+def _prompts(path: Path) -> set[str]:
+    return {json.loads(line)["messages"][-1]["content"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def _alias_version(repo: Path) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_model_version_by_alias("posttrain-policy",
+                                                                                      "champion").version
+
+
+def _version_of(repo: Path, path: str) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (v,) = [v for v in client.search_model_versions("name='posttrain-policy'") if v.tags.get("path") == path]
+    return v.version
+
+
+def _runs(repo: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["posttrain"])
+
+
+def _stage_runs(repo: Path):
+    runs = _runs(repo)
+    return runs[runs["tags.stage"].notna()]
+
+
+def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows import iterative as it
+
+    repo = _copy(pipeline, tmp_path / "repo")
+    with prefect_test_harness():
+        # round 1 promotes whatever it trains (min_gain -1); round 2 (a TGDPO variant) can never be promoted
+        _set(repo, promote={"level": 0.95, "min_gain": -1.0})
+        (d1,) = it.iterative(repo_dir=str(repo))
+        r1 = repo / "rounds" / "round_1"
+        for f in ("prompts.jsonl", "samples.jsonl", "label/prefs.jsonl", "reference/logps.jsonl", "model/chain.json",
+                  "eval/metrics.json", "champion_eval/answers.jsonl", "decision.json"):
+            assert (r1 / f).exists(), f
+        assert (repo / "rounds" / "round_1.yaml").exists() and (repo / "rounds" / "round_1.dvc").exists()
+        assert not list(r1.glob("*.ckpt")) and not list(r1.glob(".*"))
+        assert d1["promoted"] and d1["champion"] == "rounds/round_1/model"
+        assert set(d1["ran"]) == {"generate", "label", "reference", "dpo", "evaluate", "evaluate_champion"}
+        assert _alias_version(repo) == _version_of(repo, "rounds/round_1/model")
+
+        _set(repo, promote={"level": 0.95, "min_gain": 0.99}, variant="tgdpo_token")
+        (d2,) = it.iterative(repo_dir=str(repo))
+        r2 = repo / "rounds" / "round_2"
+        spec = yaml.safe_load((repo / "rounds" / "round_2.yaml").read_text())
+        assert spec["round"]["champion"] == "rounds/round_1/model" and spec["round"]["reference"] == "models/sft"
+        assert set(spec["round"]["commands"]) == {"generate", "label", "reference", "token_reward", "guidance", "dpo",
+                                                  "evaluate"}
+        assert set(d2["ran"]) == set(spec["round"]["commands"])
+        chain = json.loads((r2 / "model" / "chain.json").read_text())
+        assert chain["adapters"] == ["models/sft", "rounds/round_1/model", "rounds/round_2/model"]  # adapters stack
+        used = set().union(*(_prompts(repo / "data/prepare" / f"{s}.jsonl") for s in ("train", "eval")))
+        assert len(_prompts(r2 / "prompts.jsonl")) == 12
+        assert not _prompts(r2 / "prompts.jsonl") & (_prompts(r1 / "prompts.jsonl") | used)
+        assert not _prompts(r1 / "prompts.jsonl") & used
+        assert not d2["promoted"] and d2["champion"] == "rounds/round_1/model"
+        assert _alias_version(repo) == _version_of(repo, "rounds/round_1/model")  # the alias stays
+        assert _version_of(repo, "rounds/round_2/model")  # the candidate is registered all the same
+
+        # every stage run nests under a round run, which nests under the flow's run
+        runs = _runs(repo)
+        by_id = runs.set_index("run_id")
+        stage_runs = _stage_runs(repo)
+        assert len(stage_runs) == 6 + 7
+        for parent in stage_runs["tags.mlflow.parentRunId"]:
+            assert by_id.loc[parent, "tags.mlflow.runName"].startswith("round_")
+            assert by_id.loc[by_id.loc[parent, "tags.mlflow.parentRunId"], "tags.mlflow.runName"] == "iterative"
+
+        # a finished round re-run: nothing runs
+        (again,) = it.iterative(repo_dir=str(repo), round_number=2)
+        assert again["ran"] == [] and len(_stage_runs(repo)) == 13
+
+        # round 3, SIGKILLed in DPO training after a checkpoint, then resumed
+        _set(repo, variant="dpo", dpo_defaults={"epochs": 4.0, "save_steps": 1})
+        env = _env(ROOT) | {"PREFECT_API_URL": PREFECT_API_URL.value()}
+        proc = subprocess.Popen([sys.executable, "-m", "flows.iterative", "--repo", str(repo)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ckpt, deadline = repo / "rounds/round_3/model.ckpt", time.time() + 300
+        while not list(ckpt.glob("checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, f"the round ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        r3 = repo / "rounds" / "round_3"
+        assert not (r3 / "model").exists() and not (r3 / "decision.json").exists()
+        (d3,) = it.iterative(repo_dir=str(repo))
+        assert d3["round"] == 3 and d3["ran"] == ["dpo", "evaluate"]  # resumed: sampling and labels were kept
+        assert (r3 / "decision.json").exists() and not ckpt.exists()
+        assert d3["champion_before"] == "rounds/round_1/model"
+        assert set(_runs(repo)["status"]) == {"FINISHED", "KILLED"}  # the killed run's MLflow runs are closed
+
+    capsys.readouterr()
+    it.main(["compare", "--repo", str(repo)])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["round", "candidate", "champion", "gain", "promoted", "version"]
+    assert [line.split()[0] for line in table[1:]] == ["1", "2", "3"]
+    assert "True" in table[1] and "False" in table[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(Exception):
+            if result := check():
+                return result
+        time.sleep(1)
+    raise TimeoutError(what)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_deployment_adds_a_round(pipeline, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    repo = _copy(pipeline, tmp_path / "repo")
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = _env(repo) | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", api.split(":")[2].split("/")[0], "--no-ui"], cwd=tmp_path, env=env,
+                              stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
+    served = None
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, 180, "prefect server start")
+        served = subprocess.Popen([sys.executable, "-m", "flows.iterative", "serve", "--interval", "3600"], cwd=repo,
+                                  env=env, stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT)
+        with temporary_settings({PREFECT_API_URL: api}):
+            with get_client(sync_client=True) as client:
+                deployment = _wait(lambda: client.read_deployment_by_name("iterative/iterative-dpo"), 120,
+                                   "the served deployment")
+            assert [s.schedule.interval for s in deployment.schedules] == [timedelta(seconds=3600)]
+            assert deployment.parameters == {"repo_dir": str(repo), "params": "params.yaml", "rounds": 1}
+            run = run_deployment("iterative/iterative-dpo", timeout=600, poll_interval=2)
+        assert run.state.is_completed(), (run.state, (logs / "serve.log").read_text()[-3000:])
+        decision = json.loads((repo / "rounds" / "round_1" / "decision.json").read_text())
+        assert decision["round"] == 1 and not (repo / "rounds" / "round_2.yaml").exists()
+    finally:
+        if served is not None:
+            _stop(served)
+        _stop(server)
