@@ -1,12 +1,16 @@
-"""Time one training step of TGDPO against DPO (both reading the cached reference), and against TRL's
-DPOTrainer running the reference forward at every step, on the same model and the same batches, in one run.
+"""Time a training step of TGDPO against DPO (both the `dpo` stage's trainer, reading the cached reference), and
+against TRL's DPOTrainer with its defaults (reference forward at every step, concatenated prompt + completion
+forward), on the same model, LoRA config and batches, in one run.
 
     python -m bench.step_time                       # default: the pipeline's SFT model and pairs
-    python -m bench.step_time --steps 12 --batch-size 8
+    python -m bench.step_time --steps 8 --repeats 3 --batch-size 8
 
-Needs `dvc repro reference guidance` first (models/sft, data/label/prefs.jsonl, data/reference,
-data/guidance/dpo). Writes bench/results/step_time.json: median seconds per step for each trainer and the
-ratios TGDPO/DPO (target <= 1.10) and TRL-with-reference-forward/DPO.
+The three trainers run `--repeats` times, interleaved, in a rotating order, so drift of the machine (other load,
+thermal, allocator) hits all of them alike; each figure is the median over every timed step. Tokens are counted
+as TRL counts them (prompt + chosen, prompt + rejected, no padding), the same for all three, so tokens/s ratios
+equal step-time ratios. Needs `dvc repro reference guidance` first (models/sft, data/label/prefs.jsonl,
+data/reference, data/guidance/dpo). Writes bench/results/step_time.json: median seconds per step and tokens/s for
+each trainer, the ratio TGDPO/DPO (target <= 1.10) and the ratio of the dpo stage's tokens/s to TRL's (>= 1.0).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from bench import machine
-from posttrain import config, io, modeling
+from posttrain import config, io, modeling, preference
 from stages import dpo
 
 
@@ -63,7 +67,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prefs", default="data/label/prefs.jsonl")
     p.add_argument("--reference", default="data/reference")
     p.add_argument("--guidance", default="data/guidance/dpo")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="bench/results/step_time.json")
     args = p.parse_args(argv)
@@ -73,30 +78,39 @@ def main(argv=None) -> dict:
     device = modeling.device_for(common.device)
     base, _ = modeling.model_chain(args.model)
     tok = modeling.load_tokenizer(base, padding_side="right")
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                 for r in preference.encoded_rows(tok, pairs, common.max_len, args.prefs)[0])
+    names = ["dpo", "tgdpo", "trl_dpo_defaults"]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        for name in names[rep % 3:] + names[: rep % 3]:
+            params = config.parse(dpo.VariantParams, {**config.to_dict(all_params.defaults),
+                                                      "loss": "tgdpo" if name == "tgdpo" else "dpo",
+                                                      "batch_size": args.batch_size}, "bench")
+            model = modeling.load_chain(args.model, device)
+            timer = StepTimer()
+            if name == "trl_dpo_defaults":
+                trainer = _trl_trainer(model, tok, pairs, common, device, params, args.steps, f"/tmp/bench_{name}")
+            else:
+                dataset, _ = dpo.build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
+                                               Path(args.guidance), args.prefs)
+                trainer = dpo.make_trainer(model, tok, dataset, params, common, device, f"/tmp/bench_{name}")
+                trainer.args.max_steps, trainer.args.save_strategy, trainer.args.report_to = args.steps, "no", []
+            trainer.add_callback(timer)
+            trainer.train()
+            times[name] += timer.times[1:]  # the first step pays for allocator warm-up
+            print(f"repeat {rep} {name}: median step {statistics.median(timer.times[1:]):.3f} s")
     results = {}
-    for name in ("dpo", "tgdpo", "trl_dpo_ref_forward"):
-        params = config.parse(dpo.VariantParams, {**config.to_dict(all_params.defaults),
-                                                  "loss": "tgdpo" if name == "tgdpo" else "dpo",
-                                                  "batch_size": args.batch_size}, "bench")
-        model = modeling.load_chain(args.model, device)
-        timer = StepTimer()
-        if name == "trl_dpo_ref_forward":
-            trainer = _trl_trainer(model, tok, pairs, common, device, params, args.steps, f"/tmp/bench_{name}")
-        else:
-            dataset, _ = dpo.build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
-                                           Path(args.guidance), args.prefs)
-            trainer = dpo.make_trainer(model, tok, dataset, params, common, device, f"/tmp/bench_{name}")
-            trainer.args.max_steps, trainer.args.save_strategy, trainer.args.report_to = args.steps, "no", []
-        trainer.add_callback(timer)
-        trainer.train()
-        steady = timer.times[1:]  # the first step pays for allocator warm-up
-        results[name] = {"median_step_s": statistics.median(steady), "steps_timed": len(steady)}
-        print(f"{name}: median step {results[name]['median_step_s']:.3f} s over {len(steady)} steps")
+    for name in names:
+        step = statistics.median(times[name])
+        results[name] = {"median_step_s": step, "steps_timed": len(times[name]),
+                         "tokens_per_s": tokens / args.steps / step}
     d = results["dpo"]["median_step_s"]
     out = {"machine": machine.describe(), "model": args.model, "batch_size_pairs": args.batch_size,
-           "max_len": common.max_len, "results": results,
+           "max_len": common.max_len, "steps": args.steps, "repeats": args.repeats,
+           "tokens_per_step_trl_count": tokens / args.steps, "results": results,
            "ratio_tgdpo_over_dpo": results["tgdpo"]["median_step_s"] / d,
-           "ratio_trl_ref_forward_over_dpo": results["trl_dpo_ref_forward"]["median_step_s"] / d}
+           "ratio_dpo_stage_over_trl_tokens_per_s": results["trl_dpo_defaults"]["median_step_s"] / d}
     io.write_json(args.out, out)
     print(json.dumps({k: v for k, v in out.items() if k.startswith("ratio")}, indent=2))
     return out

@@ -10,7 +10,7 @@ from posttrain import config, losses
 from stages import dpo
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILES = [ROOT / "params.yaml", ROOT / "profiles" / "tiny.yaml", ROOT / "profiles" / "variants.yaml"]
+PROFILES = [ROOT / "params.yaml", ROOT / "profiles" / "tiny.yaml"]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
@@ -22,7 +22,8 @@ def params_class(stage: str) -> type:
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
 def test_every_block_parses(path):
     data = config.read_yaml(path)
-    assert set(data) == {"common"} | set(DVC["stages"]), "one params block per dvc.yaml stage, plus common"
+    flows = {"iterative"}  # blocks read by flows/, not by a dvc.yaml stage
+    assert set(data) == {"common"} | set(DVC["stages"]) | flows, "one params block per dvc.yaml stage, plus common"
     for stage in DVC["stages"]:
         config.load(params_class(stage), stage, path)
     _, dpo_params = config.load(dpo.DpoParams, "dpo", path)
@@ -100,14 +101,12 @@ def test_unreadable_params_file_is_named(tmp_path):
         config.read_yaml(path)
 
 
-def test_variants_profile_only_adds_rows():
-    """profiles/variants.yaml is params.yaml plus variant rows: every other value is the same."""
-    base, full = config.read_yaml(ROOT / "params.yaml"), config.read_yaml(ROOT / "profiles" / "variants.yaml")
-    for block in ("dpo", "guidance", "evaluate"):
-        key = {"dpo": "variants", "guidance": "sources", "evaluate": "models"}[block]
-        assert base[block][key].items() <= full[block][key].items()
-        base[block].pop(key), full[block].pop(key)
-    base["report"].pop("order"), full["report"].pop("order")
-    assert base == full
-    _, params = config.load(dpo.DpoParams, "dpo", ROOT / "profiles" / "variants.yaml")
-    assert {dpo.resolve(params, v, "variants.yaml").loss for v in params.variants} == set(losses.LOSSES)
+def test_default_runs_every_loss_and_evaluates_every_variant():
+    """params.yaml has a dpo variant per loss in LOSSES, each evaluated; TGDPO rows name a guidance source."""
+    _, params = config.load(dpo.DpoParams, "dpo", ROOT / "params.yaml")
+    assert {dpo.resolve(params, v, "params.yaml").loss for v in params.variants} == set(losses.LOSSES)
+    raw = config.read_yaml(ROOT / "params.yaml")
+    assert set(params.variants) <= set(raw["evaluate"]["models"])
+    sources = {f"data/guidance/{name}" for name in raw["guidance"]["sources"]}
+    guided = {row["guidance"] for row in params.variants.values() if row["loss"] == "tgdpo"}
+    assert guided == sources

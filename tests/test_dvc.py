@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"prepare", "base", "sft", "generate", "label", "reference", "token_reward", "guidance@token_reward",
-          "dpo@dpo", "dpo@tgdpo_token", "evaluate@base", "evaluate@sft", "evaluate@dpo", "evaluate@tgdpo_token",
-          "report"}
+STAGES = {"prepare", "base", "sft", "generate", "reward_model", "label", "reference", "token_reward",
+          "guidance@token_reward", "dpo@dpo", "dpo@tgdpo_token", "evaluate@base", "evaluate@sft", "evaluate@dpo",
+          "evaluate@tgdpo_token", "merge@wise_50", "evaluate@wise_50", "report"}
 pytestmark = pytest.mark.slow
 
 
@@ -53,8 +53,10 @@ def test_first_repro_runs_every_stage(repo):
     repo, log = repo
     assert _ran(log) == STAGES
     table = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(table) == {"base", "sft", "dpo", "tgdpo_token"}
-    assert (repo / "reports/report.md").exists() and (repo / "reports/scores.png").exists()
+    assert set(table) == {"base", "sft", "dpo", "tgdpo_token", "wise_50"}
+    assert table["wise_50"]["merge"]["alpha"] == 0.5 and "alignment_tax" in table["wise_50"]
+    assert all((repo / "reports" / f).exists() for f in ("report.md", "scores.png", "pareto.png"))
+    assert (repo / "models/merge/wise_50/model.safetensors").exists()
     assert (repo / "models/dpo/tgdpo_token/adapter_model.safetensors").exists()
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["posttrain"])
@@ -73,7 +75,7 @@ def test_evaluate_param_reruns_only_evaluate_and_report(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["evaluate"]["n_bootstrap"] = 300
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    evaluates = {"evaluate@base", "evaluate@sft", "evaluate@dpo", "evaluate@tgdpo_token"}
+    evaluates = {"evaluate@base", "evaluate@sft", "evaluate@dpo", "evaluate@tgdpo_token", "evaluate@wise_50"}
     ran = _ran(_run(DVC + ["repro"], repo))
     # report follows only if an evaluate output changed (the random tiny model scores 0 everywhere, so the
     # intervals may not move); nothing upstream of evaluate may run
