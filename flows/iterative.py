@@ -488,16 +488,59 @@ def iterative(repo_dir: str = ".", params: str = "params.yaml", rounds: int = 1,
     return decisions
 
 
-def compare_table(uri: str, experiment: str):
-    """One row per round (its latest decision): candidate and champion pass rate with 95% CI, gain CI, promoted."""
-    import pandas as pd
+def _decisions(uri: str, experiment: str) -> dict:
+    """Round -> the MLflow run data of its latest decision (a resumed round: its last one)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="metrics.promoted >= 0",
                               order_by=["attributes.start_time ASC"]) if exp else []
-    latest = {int(r.data.tags["iterative_round"]): r.data for r in runs}  # a resumed round: its last decision
+    return {int(r.data.tags["iterative_round"]): r.data for r in runs}
+
+
+def write_curve(uri: str, experiment: str, out: Path) -> Path | None:
+    """The eval curve over rounds: `out/rounds.png` (champion and candidate gold pass rate with 95% intervals)
+    and `out/rounds.md` (the compare table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest = _decisions(uri, experiment)
+    if not latest:
+        return None
+    ks = sorted(latest)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, shift in (("champion_pass_rate", "champion (start of round)", -0.05),
+                              ("candidate_pass_rate", "candidate", 0.05)):
+        y = [latest[k].metrics[key] for k in ks]
+        err = [[y[i] - latest[k].metrics[key + "_lo"] for i, k in enumerate(ks)],
+               [latest[k].metrics[key + "_hi"] - y[i] for i, k in enumerate(ks)]]
+        ax.errorbar([k + shift for k in ks], y, yerr=err, marker="o", capsize=3, label=label)
+    for k in ks:
+        if latest[k].metrics["promoted"]:
+            ax.annotate("promoted", (k + 0.05, latest[k].metrics["candidate_pass_rate"]), fontsize=8)
+    ax.set_xticks(ks)
+    ax.set_xlabel("round")
+    ax.set_ylabel("gold pass rate (eval split, 95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "rounds.png", dpi=120)
+    plt.close(fig)
+    table = compare_table(uri, experiment)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    (out / "rounds.md").write_text("# Iterative DPO rounds\n\n![eval curve](rounds.png)\n\n" + "\n".join(lines) + "\n")
+    return out / "rounds.png"
+
+
+def compare_table(uri: str, experiment: str):
+    """One row per round (its latest decision): candidate and champion pass rate with 95% CI, gain CI, promoted."""
+    import pandas as pd
+
+    latest = _decisions(uri, experiment)
 
     def ci(m: dict, key: str, fmt: str = ".3f") -> str:
         return f"{m[key]:{fmt}} [{m[key + '_lo']:{fmt}}, {m[key + '_hi']:{fmt}}]"
@@ -533,6 +576,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="run: rounds to add (default 1)")
     p.add_argument("--round", type=int, default=None, help="run: reproduce or resume exactly this round")
     p.add_argument("--interval", type=float, default=3600.0, help="serve: seconds between scheduled rounds")
+    p.add_argument("--out", default="reports/rounds", help="compare: folder for rounds.png and rounds.md")
     args = p.parse_args(argv)
     if args.command == "serve":
         serve(args.repo, args.params, args.interval)
@@ -542,6 +586,9 @@ def main(argv: list[str] | None = None) -> None:
         _, _, uri, experiment = _tracking(data, repo, args.params)
         table = compare_table(uri, experiment)
         print(table.to_string(index=False) if not table.empty else "no finished round in the MLflow store yet")
+        curve = write_curve(uri, experiment, repo / args.out)
+        if curve:
+            print(f"eval curve over rounds: {curve} (table: {curve.with_suffix('.md')})")
     else:
         for d in iterative(repo_dir=args.repo, params=args.params, rounds=args.rounds, round_number=args.round):
             print(f"round {d['round']}: {'promoted' if d['promoted'] else 'not promoted'}; champion {d['champion']}")

@@ -46,8 +46,10 @@ def load(path: str | Path, device: torch.device, trust_remote_code: bool = False
     """(model, tokenizer) of a trained reward model: the backbone named in backbone.json + the trained head."""
     from safetensors.torch import load_file
 
-    from posttrain import modeling
+    from posttrain import io, modeling
 
+    if (Path(path) / "untrained.json").exists():
+        raise io.InputError(f"{path}: {json.loads((Path(path) / 'untrained.json').read_text())['reason']}")
     backbone = json.loads((Path(path) / "backbone.json").read_text())["model"]
     tok = modeling.load_tokenizer(modeling.model_chain(backbone)[0], padding_side="right")
     model = build(modeling.load_chain(backbone, device, trust_remote_code), tok.pad_token_id)

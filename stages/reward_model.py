@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -88,10 +89,17 @@ def run(common, params: RewardModelParams, args) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    pairs = io.read_jsonl(args.prefs, "prefs")
-    if not pairs:
-        raise io.InputError(f"{args.prefs}: no preference pairs to train the reward model on (prepare writes them "
-                            "for the builtin tasks only: set prepare.n_rm > 0, or point --prefs at your own pairs)")
+    empty = Path(args.prefs).is_file() and not Path(args.prefs).read_text(encoding="utf-8").strip()
+    pairs = [] if empty else io.read_jsonl(args.prefs, "prefs")
+    if not pairs:  # a user's chat data brings no pairs: nothing to train, and label.judge: verifier needs none
+        note = (f"{args.prefs} holds no preference pairs (prepare writes them for the builtin tasks only): no reward "
+                "model was trained; point --prefs at your own prompt/chosen/rejected pairs to use label.judge: "
+                "reward_model")
+        with io.atomic_dir(args.out) as tmp:
+            io.write_json(tmp / "untrained.json", {"reason": note})
+        metrics = {"train_pairs": 0}
+        io.write_json(args.metrics, metrics)
+        return metrics
     samples = io.read_jsonl(args.samples, "samples")[: params.agreement_prompts]
     device = modeling.device_for(common.device)
     base, _ = modeling.model_chain(args.model)

@@ -173,10 +173,13 @@ def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
 
     capsys.readouterr()
     it.main(["compare", "--repo", str(repo)])
-    table = capsys.readouterr().out.splitlines()
+    table = capsys.readouterr().out.splitlines()[:-1]  # the last line names the eval-curve files
     assert table[0].split() == ["round", "candidate", "champion", "gain", "promoted", "version"]
     assert [line.split()[0] for line in table[1:]] == ["1", "2", "3"]
     assert "True" in table[1] and "False" in table[2]
+    assert (repo / "reports/rounds/rounds.png").read_bytes()[:4] == b"\x89PNG"
+    md = (repo / "reports/rounds/rounds.md").read_text()
+    assert md.count("\n| ") == 4  # header + one row per round
 
 
 def _free_port() -> int:

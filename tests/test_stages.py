@@ -354,3 +354,20 @@ def test_shared_prefill_sampling_matches_plain_generate(workdir):
     plain = model.generate(input_ids=enc.input_ids.repeat_interleave(3, 0),
                            attention_mask=enc.attention_mask.repeat_interleave(3, 0), **kw)
     assert torch.equal(shared, plain)
+
+
+def test_reward_model_without_pairs_says_so_and_label_refuses_it(workdir, tmp_path):
+    """User chat data brings no pairs: reward_model records why it trained nothing; the judge then names it."""
+    empty = tmp_path / "rm_prefs.jsonl"
+    empty.write_text("")
+    p = str(tiny_params(tmp_path, label={"judge": "reward_model"}))
+    out = reward_model.main(["--params", p, "--model", str(workdir / "models/base"), "--prefs", str(empty),
+                             "--samples", str(empty), "--out", str(tmp_path / "rm"), "--metrics",
+                             str(tmp_path / "rm.json")])
+    assert out["train_pairs"] == 0 and (tmp_path / "rm/untrained.json").exists()
+    samples = tmp_path / "samples.jsonl"
+    io.write_jsonl(samples, [{"id": "a", "messages": [{"role": "user", "content": "hi"}], "verifier": None,
+                              "samples": ["x", "y"]}])
+    with pytest.raises(SystemExit, match=r"rm: .*rm_prefs.jsonl holds no preference pairs"):
+        label.main(["--params", p, "--samples", str(samples), "--reward-model", str(tmp_path / "rm"),
+                    "--out", str(tmp_path / "label")])
