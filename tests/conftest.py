@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
+STARTUP_S = 180
+"""Seconds a Prefect test server may take to start: on 2 busy cores it has taken more than Prefect's default 20-30
+(flows/ subprocesses read the same through PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)."""
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_S))
 
 
 def tiny_params(tmp: Path, **overrides) -> Path:

@@ -13,6 +13,8 @@ import mlflow
 import pytest
 import yaml
 
+from tests.conftest import STARTUP_S
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"prepare", "base", "sft", "generate", "reward_model", "label", "reference", "token_reward",
           "guidance@token_reward", "dpo@dpo", "dpo@tgdpo_token", "evaluate@base", "evaluate@sft", "evaluate@dpo",
@@ -99,7 +101,7 @@ def test_recipe_flow_follows_dvc(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["report"]["reference"] = "base"  # only the report must re-run
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=STARTUP_S):
         outcome = recipe(repo_dir=str(repo))
     assert {s for s, o in outcome.items() if o == "ran"} == {"report"}
     assert "win_rate_vs_base" in json.loads((repo / "reports/metrics.json").read_text())["sft"]

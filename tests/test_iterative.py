@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, STARTUP_S
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
     from flows import iterative as it
 
     repo = _copy(pipeline, tmp_path / "repo")
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=STARTUP_S):
         # round 1 promotes whatever it trains (min_gain -1); round 2 (a TGDPO variant) can never be promoted
         _set(repo, promote={"level": 0.95, "min_gain": -1.0})
         (d1,) = it.iterative(repo_dir=str(repo))
