@@ -40,12 +40,13 @@ def stage_table(repo: Path, since_ms: int) -> list[dict]:
         uri = f"sqlite:///{repo / uri.removeprefix('sqlite:///')}"
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[common.mlflow_experiment], filter_string=f"start_time >= {since_ms}")
-    rows = []
+    rows: dict[str, dict] = {}  # a stage that ran twice (its code changed in between) counts once: its last run
     for _, r in runs.sort_values("start_time").iterrows():
-        rows.append({"stage": r["tags.mlflow.runName"],
-                     "wall_s": round((r["end_time"] - r["start_time"]).total_seconds(), 1),
-                     "peak_rss_mb": round(float(r.get("metrics.peak_rss_mb", float("nan"))), 0)})
-    return rows
+        rows.pop(r["tags.mlflow.runName"], None)
+        rows[r["tags.mlflow.runName"]] = {
+            "stage": r["tags.mlflow.runName"], "wall_s": round((r["end_time"] - r["start_time"]).total_seconds(), 1),
+            "peak_rss_mb": round(float(r.get("metrics.peak_rss_mb", float("nan"))), 0)}
+    return list(rows.values())
 
 
 def main(argv=None) -> dict:
@@ -54,10 +55,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="bench/results/pipeline.json")
     p.add_argument("--since", type=float, default=None,
                    help="epoch seconds: list every stage run since then, for a first repro run in parts")
+    p.add_argument("--collect-only", action="store_true",
+                   help="with --since: no first repro, only the table of runs since then and the no-op repro")
     args = p.parse_args(argv)
     repo = Path(args.repo).resolve()
     since = int((args.since or time.time()) * 1000)
-    total, log = repro(repo)
+    total, log = (0.0, "") if args.collect_only else repro(repo)
     stages = stage_table(repo, since)
     noop, log2 = repro(repo)
     out = {"machine": machine.describe(), "dvc_repro_s": round(total, 1), "stages": stages,
