@@ -29,17 +29,10 @@ def build(causal_lm, pad_token_id: int):
 
 
 def save(model, out: str | Path, backbone_model: str, resolved: dict) -> None:
-    import yaml
-    from safetensors.torch import save_file
+    """Only the head is trained: `head.safetensors` + `backbone.json`, written as the token reward model's are."""
+    from posttrain import token_reward
 
-    from posttrain import io, training
-
-    with io.atomic_dir(out) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.score.state_dict().items()},
-                  str(tmp / "head.safetensors"))
-        (tmp / "backbone.json").write_text(json.dumps({"model": str(backbone_model)}) + "\n")
-        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    training.finish(out)
+    token_reward.save(model, out, backbone_model, resolved)
 
 
 def load(path: str | Path, device: torch.device, trust_remote_code: bool = False):
