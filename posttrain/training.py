@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from posttrain import io, modeling
 
@@ -42,8 +41,21 @@ def ckpt_dir(out: str | Path) -> Path:
 
 
 def resume_from(out: str | Path) -> str | None:
+    """The newest complete checkpoint in `<out>.ckpt/`, or None. The Trainer writes `trainer_state.json` after the
+    weights, optimizer and RNG state, so a checkpoint without it was cut off mid-write (a kill during a save): it
+    is deleted and the one before it is used."""
     d = ckpt_dir(out)
-    return get_last_checkpoint(str(d)) if d.is_dir() else None
+    if not d.is_dir():
+        return None
+    found = sorted((p for p in d.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return str(ckpt)
+        except (OSError, ValueError):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 def device_args(device: torch.device) -> dict:

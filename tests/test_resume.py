@@ -58,3 +58,22 @@ def test_sigkilled_sft_resumes_to_the_same_weights(workdir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)  # resumed == uninterrupted, to fp32 noise
+
+
+def test_resume_skips_a_checkpoint_cut_off_mid_write(tmp_path):
+    """A kill during a save leaves checkpoint-N without trainer_state.json: resume from the one before, drop it."""
+    from posttrain import training
+
+    out = tmp_path / "model"
+    ckpt = training.ckpt_dir(out)
+    (ckpt / "checkpoint-10").mkdir(parents=True)
+    (ckpt / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10}')
+    (ckpt / "checkpoint-20").mkdir()
+    (ckpt / "checkpoint-20" / "adapter_model.safetensors").write_bytes(b"partial")
+    (ckpt / "checkpoint-3").mkdir()
+    (ckpt / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    assert training.resume_from(out) == str(ckpt / "checkpoint-10")  # by step number, not by name order
+    assert not (ckpt / "checkpoint-20").exists()
+    (ckpt / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')  # cut off inside the state file
+    assert training.resume_from(out) == str(ckpt / "checkpoint-3")
+    assert training.resume_from(tmp_path / "never_trained") is None
