@@ -153,7 +153,7 @@ def pair_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def completion_logps(model, tok, rows: list[dict], batch_size: int, max_len: int | None = None) -> list[dict]:
+def completion_logps(model, tok, rows: list[dict], batch_size: int) -> list[dict]:
     """Per-token log-probs of each encoded row's chosen and rejected completion tokens under `model`
     (`encode` already cut every completion to fit max_len)."""
     model.eval()

@@ -49,7 +49,7 @@ def run(common, params: GuidanceParams, args) -> dict:
     rows = [r for r in rows if r["id"] in ref]
     if source.kind == "dpo":
         model = modeling.load_chain(args.model, device, common.trust_remote_code)
-        hat = preference.completion_logps(model, tok, rows, params.batch_size, common.max_len)
+        hat = preference.completion_logps(model, tok, rows, params.batch_size)
         values = [{"id": h["id"], **{side: [a - b for a, b in zip(h[side], ref[h["id"]][side], strict=True)]
                                      for side in ("chosen", "rejected")}} for h in hat]
     else:

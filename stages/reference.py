@@ -33,7 +33,7 @@ def run(common, params: ReferenceParams, args) -> dict:
     modeling.check_template(tok)
     rows, dropped = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
     model = modeling.load_chain(args.model, device, common.trust_remote_code)
-    values = preference.completion_logps(model, tok, rows, params.batch_size, common.max_len)
+    values = preference.completion_logps(model, tok, rows, params.batch_size)
     with io.atomic_dir(args.out) as tmp:
         preference.write_token_values(tmp / "logps.jsonl", values)
         io.write_json(tmp / "meta.json", {"model": args.model, "pairs": len(values), "dropped": dict(dropped),

@@ -60,18 +60,15 @@ def heldout_accuracy(model, tok, pairs: list[dict], max_len: int) -> float:
 def agreement(model, tok, rows: list[dict], max_len: int, seed: int) -> dict[str, float]:
     """Pairwise ordering agreement with the gold verifier, and best-of-N by reward vs a random pick."""
     rng = random.Random(seed)
+    groups = [(row, [s for s in row["samples"] if s.strip()]) for row in rows if row["verifier"] is not None]
+    groups = [(row, texts) for row, texts in groups if texts]
+    flat = [row["messages"] + [{"role": "assistant", "content": s}] for row, texts in groups for s in texts]
+    rewards = iter(reward.score(model, tok, flat, max_len=max_len))  # one batched pass over every sample
     agree = total = 0
     best = mean = 0.0
-    scored = 0
-    for row in rows:
-        if row["verifier"] is None:
-            continue
-        texts = [s for s in row["samples"] if s.strip()]
-        if not texts:
-            continue
+    for row, texts in groups:
         gold = [tasks.score(row["verifier"], s) for s in texts]
-        r = reward.score(model, tok, [row["messages"] + [{"role": "assistant", "content": s}] for s in texts],
-                         max_len=max_len)
+        r = [next(rewards) for _ in texts]
         for i, j in itertools.combinations(range(len(texts)), 2):
             if gold[i] != gold[j]:
                 total += 1
@@ -79,10 +76,9 @@ def agreement(model, tok, rows: list[dict], max_len: int, seed: int) -> dict[str
         top = max(range(len(texts)), key=lambda k: (r[k], -k))
         best += gold[top] == 1.0
         mean += gold[rng.randrange(len(texts))] == 1.0
-        scored += 1
-    n = max(scored, 1)
+    n = max(len(groups), 1)
     return {"verifier_agreement": agree / max(total, 1), "agreement_pairs": total,
-            "best_of_n_pass_rate": best / n, "mean_pass_rate": mean / n, "agreement_prompts": scored}
+            "best_of_n_pass_rate": best / n, "mean_pass_rate": mean / n, "agreement_prompts": len(groups)}
 
 
 def run(common, params: RewardModelParams, args) -> dict:
