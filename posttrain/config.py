@@ -33,7 +33,7 @@ class Common:
     mlflow_experiment: str = "posttrain"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' takes CUDA when present; bf16 is used only on CUDA (fp32 is far faster on CPUs without AMX)."""
-    max_len: int = 160
+    max_len: int = 128
     """Prompt + response tokens per training row; longer rows are dropped and counted, memory grows linearly."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub checkpoint; off unless you trust its source."""

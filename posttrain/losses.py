@@ -3,11 +3,14 @@
 Every function takes `PairBatch` (per-token tensors of shape (B, T), B pairs; masks are 1 on completion tokens
 and 0 on prompt and padding) plus its own hyper-parameters, and returns per-example `(losses, chosen_rewards,
 rejected_rewards)`, each (B,). The caller takes `.mean()`. `LOSSES` is the only list of names: params validation,
-error messages and the tests read it.
+error messages and the tests read it. A loss's hyper-parameters are its keyword arguments (`hyperparameters`
+reads them off its signature), so a variant's params feed a loss by name and a loss refuses a keyword it does not
+take.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,14 +45,14 @@ class PairBatch:
 Out = tuple[Tensor, Tensor, Tensor]
 
 
-def dpo(b: PairBatch, beta: float = 0.1, **_) -> Out:
+def dpo(b: PairBatch, beta: float = 0.1) -> Out:
     """DPO (huggingface.co/papers/2305.18290):
     L = -log sigma(beta * [sum_t m_t (logp_theta - logp_ref)]_w - beta * [...]_l)."""
     cw, cl = b.logratios()
     return -F.logsigmoid(beta * (cw - cl)), beta * cw.detach(), beta * cl.detach()
 
 
-def tgdpo(b: PairBatch, beta: float = 0.1, alpha: float = 0.5, **_) -> Out:
+def tgdpo(b: PairBatch, beta: float = 0.1, alpha: float = 0.5) -> Out:
     """TGDPO, practical form (huggingface.co/papers/2506.14574), each token with its own effective beta:
     L = -log sigma( sum_t m_t beta (1 + alpha beta rhat_t[w]) (logp_theta_t - logp_ref_t)[w]
                   - sum_t m_t beta (1 - alpha beta rhat_t[l]) (logp_theta_t - logp_ref_t)[l] ).
@@ -64,7 +67,7 @@ def tgdpo(b: PairBatch, beta: float = 0.1, alpha: float = 0.5, **_) -> Out:
     return -F.logsigmoid(sc - sl), beta * cw.detach(), beta * cl.detach()
 
 
-def ipo(b: PairBatch, beta: float = 0.1, **_) -> Out:
+def ipo(b: PairBatch, beta: float = 0.1) -> Out:
     """IPO (huggingface.co/papers/2310.12036): (h - 1/(2 tau))^2 with h the log-ratio margin, tau = beta.
     h uses per-token means (as TRL and the IPO authors do), so the target margin does not scale with length."""
     cw, cl = b.logratios()
@@ -73,7 +76,7 @@ def ipo(b: PairBatch, beta: float = 0.1, **_) -> Out:
     return (h - 1 / (2 * beta)) ** 2, beta * cw.detach(), beta * cl.detach()
 
 
-def simpo(b: PairBatch, beta: float = 2.0, gamma: float = 0.5, length_normalize: bool = True, **_) -> Out:
+def simpo(b: PairBatch, beta: float = 2.0, gamma: float = 0.5, length_normalize: bool = True) -> Out:
     """SimPO (huggingface.co/papers/2405.14734), reference-free:
     L = -log sigma(beta/|y_w| logp(y_w) - beta/|y_l| logp(y_l) - gamma).
     With gamma = 0 and no length normalisation it is DPO with a uniform reference (tested)."""
@@ -85,7 +88,7 @@ def simpo(b: PairBatch, beta: float = 2.0, gamma: float = 0.5, length_normalize:
     return -F.logsigmoid(rw - rl - gamma), rw.detach(), rl.detach()
 
 
-def orpo(b: PairBatch, beta: float = 0.1, **_) -> Out:
+def orpo(b: PairBatch, beta: float = 0.1) -> Out:
     """ORPO (huggingface.co/papers/2403.07691), reference-free: SFT NLL on y_w + lambda * odds-ratio loss, lambda=beta:
     L = -logp(y_w)/|y_w| - lambda log sigma(log odds(y_w) - log odds(y_l)), odds(y) = p/(1-p), p = exp(mean logp)."""
     sw, sl = b.seq_logps()
@@ -98,7 +101,7 @@ def orpo(b: PairBatch, beta: float = 0.1, **_) -> Out:
     return -mw - beta * F.logsigmoid(ratio), beta * mw.detach(), beta * ml.detach()
 
 
-def kto(b: PairBatch, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **_) -> Out:
+def kto(b: PairBatch, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Out:
     """KTO (huggingface.co/papers/2402.01306) on pairs read as unpaired labels (y_w desirable, y_l undesirable):
     L = lambda_D (1 - sigma(beta (r_w - z))) + lambda_U (1 - sigma(beta (z - r_l))), r = sum_t log-ratio,
     z = max(0, batch mean of the log-ratios), detached (the KL reference point of seed 002 section 7.2)."""
@@ -109,6 +112,21 @@ def kto(b: PairBatch, beta: float = 0.1, desirable_weight: float = 1.0, undesira
     return losses, beta * cw.detach(), beta * cl.detach()
 
 
+def dpop(b: PairBatch, beta: float = 0.1, dpop_lambda: float = 5.0) -> Out:
+    """DPOP / DPO-Positive (huggingface.co/papers/2402.13228), as seed 002 section 6.8 writes it: DPO with a penalty
+    once the chosen log-prob falls below the reference's (likelihood displacement),
+    L = -log sigma(beta [sum_t m_t (logp_theta - logp_ref)]_w - beta [...]_l - lambda max(0, [sum_t m_t (logp_ref -
+    logp_theta)]_w)). lambda stands outside beta here, so the paper's lambda 50 at beta 0.1 is 5.
+    lambda = 0 is DPO exactly (tested)."""
+    cw, cl = b.logratios()
+    penalty = dpop_lambda * (-cw).clamp(min=0)
+    return -F.logsigmoid(beta * (cw - cl) - penalty), beta * cw.detach(), beta * cl.detach()
+
+
 LOSSES: dict[str, Callable[..., Out]] = {"dpo": dpo, "tgdpo": tgdpo, "ipo": ipo, "simpo": simpo, "orpo": orpo,
-                                          "kto": kto}
-REFERENCE_FREE = {"simpo", "orpo"}
+                                          "kto": kto, "dpop": dpop}
+
+
+def hyperparameters(name: str) -> list[str]:
+    """The keyword arguments loss `name` takes (every parameter after the batch)."""
+    return list(inspect.signature(LOSSES[name]).parameters)[1:]

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from trl import DPOTrainer
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from posttrain import io, losses
 
@@ -66,28 +65,6 @@ def encoded_rows(tok, pairs: list[dict], max_len: int, source: str) -> tuple[lis
     if not rows:
         raise io.InputError(f"{source}: no usable pair (dropped: {dict(dropped)}; common.max_len={max_len})")
     return rows, dropped
-
-
-@dataclass
-class TokenCollator(DataCollatorForPreference):
-    """TRL's preference collator, plus per-token cached columns laid out like `completion_mask`: (2B, T)."""
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        out = super().torch_call(examples)
-        mask = out["completion_mask"]  # (2B, T), batch is [chosen, rejected]
-        for name in ("ref", "rhat"):
-            if f"{name}_chosen_tok" not in examples[0]:
-                continue
-            rows = [e[f"{name}_chosen_tok"] for e in examples] + [e[f"{name}_rejected_tok"] for e in examples]
-            full = torch.zeros(mask.shape, dtype=torch.float32)
-            for i, values in enumerate(rows):
-                pos = mask[i].nonzero().squeeze(-1)
-                if len(values) < len(pos):
-                    raise ValueError(f"cached {name} values cover {len(values)} tokens, the completion has "
-                                     f"{len(pos)}: the cache was built with another tokenizer or max_len")
-                full[i, pos] = torch.tensor(values[: len(pos)], dtype=torch.float32)
-            out[f"{name}_tok"] = full
-        return out
 
 
 @dataclass

@@ -6,7 +6,7 @@
         --reference data/reference --guidance data/reference --out models/dpo/dpo
 
 Each variant is `dpo.defaults` overridden by its row in `dpo.variants`; `loss` names a function of
-`posttrain.losses.LOSSES` (dpo, tgdpo, ipo, simpo, orpo, kto). Training is TRL's DPOTrainer subclassed in
+`posttrain.losses.LOSSES`. Training is TRL's DPOTrainer subclassed in
 `posttrain.preference` (only the loss is replaced); the reference per-token log-probs come from the `reference`
 stage's cache and TGDPO's token guidance from `--guidance` (a `guidance` stage's folder; other losses ignore it).
 The policy is a fresh LoRA adapter on the merged SFT weights.
@@ -35,9 +35,15 @@ class VariantParams:
     """SimPO: target reward margin."""
     length_normalize: bool = True
     """SimPO: average the log-prob over tokens."""
-    sft_weight: float = 0.0
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable (chosen) term, lambda_D."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable (rejected) term, lambda_U."""
+    dpop_lambda: float = 5.0
+    """DPOP: weight of the penalty on the chosen log-ratio falling below 0 (outside beta, as seed 002 writes it)."""
+    sft_weight: float = 0.5
     """Weight of an NLL term on the chosen responses (RPO); > 0 counters likelihood displacement."""
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
@@ -55,8 +61,8 @@ class VariantParams:
             raise ValueError(f"alpha must be in [0, 10], got {self.alpha}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.sft_weight < 0:
-            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if min(self.sft_weight, self.desirable_weight, self.undesirable_weight, self.dpop_lambda) < 0:
+            raise ValueError("sft_weight, desirable_weight, undesirable_weight and dpop_lambda must be >= 0")
 
 
 @dataclass
@@ -102,7 +108,7 @@ def make_trainer(model, tok, dataset, params: VariantParams, common, device, out
         gradient_accumulation_steps=params.grad_accum, max_length=common.max_len, logging_steps=params.logging_steps,
         save_steps=params.save_steps, seed=common.seed, lr_scheduler_type="cosine", remove_unused_columns=False,
         **training.device_args(device))
-    kwargs = {k: getattr(params, k) for k in ("beta", "alpha", "gamma", "length_normalize")}
+    kwargs = {k: getattr(params, k) for k in losses.hyperparameters(params.loss)}
     return preference.PreferenceTrainer(
         model=model, args=cfg, train_dataset=dataset, processing_class=tok,
         data_collator=preference.PairCollator(pad_token_id=tok.pad_token_id),

@@ -33,7 +33,7 @@ GENERAL_TEXT = Path(__file__).resolve().parents[1] / "posttrain" / "data" / "gen
 class EvaluateParams:
     models: dict[str, str] | None = None
     """Name -> model folder; dvc.yaml makes one stage per entry (the stage itself reads only its own)."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     batch_size: int = 64
     n_bootstrap: int = 1000
     """Bootstrap resamples for the 95% intervals."""

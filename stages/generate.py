@@ -22,7 +22,7 @@ class GenerateParams:
     """Responses per prompt; more raise the chance a prompt has both a correct and a wrong answer (a pair)."""
     temperature: float = 0.7
     """Lower keeps samples near the policy's mode (pairs it can learn from); higher adds diversity and noise."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 12
     batch_size: int = 64
     """Sequences per generate call (prompts x samples)."""
     backend: Literal["auto", "hf", "vllm"] = "auto"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from posttrain import cli, config, io, modeling, preference, token_reward
 
@@ -64,7 +65,7 @@ def run(common, params: GuidanceParams, args) -> dict:
 @torch.no_grad()
 def _token_reward_values(path, tok, rows, batch_size: int, max_len: int, device, scale: float) -> list[dict]:
     model = token_reward.load(path, device)
-    collate = preference.TokenCollator(pad_token_id=tok.pad_token_id, max_length=max_len)
+    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_len)
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

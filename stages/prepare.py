@@ -29,7 +29,7 @@ class PrepareParams:
     """Prompts for on-policy sampling; each yields at most one preference pair."""
     n_eval: int = 200
     """Held-out prompts; the CI half-width of a pass rate near 0.5 is ~1/sqrt(n_eval)."""
-    n_sft: int = 400
+    n_sft: int = 320
     """Solver-written demonstrations (disjoint from eval)."""
     n_rm: int = 300
     """Offline preference pairs for the reward model (solver answer vs a near miss, or vs another prompt's

@@ -21,8 +21,8 @@ class SftParams:
     lora: bool = True
     """LoRA adapter (small DVC output) or full fine-tune (a whole checkpoint)."""
     lora_params: training.LoraParams = field(default_factory=training.LoraParams)
-    learning_rate: float = 2e-4
-    epochs: float = 2.0
+    learning_rate: float = 3e-4
+    epochs: float = 1.0
     batch_size: int = 16
     grad_accum: int = 1
     save_steps: int = 20

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from posttrain import cli, config, io, modeling, preference, training
 from posttrain import token_reward as tr
@@ -28,7 +29,8 @@ class TokenRewardParams:
     tau: float = 1.0
     """Temperature of soft_max / soft_min."""
     heldout_fraction: float = 0.2
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-2
+    """A linear head from zero on frozen features: a probe's learning rate."""
     epochs: float = 1.0
     batch_size: int = 8
     logging_steps: int = 5
@@ -47,7 +49,7 @@ def is_heldout(pair_id: str, fraction: float) -> bool:
 @torch.no_grad()
 def accuracy(model, tok, rows: list[dict], max_len: int, tau: float, batch_size: int = 16) -> dict[str, float]:
     """Held-out pair accuracy of e_phi(chosen) > e_phi(rejected) under each aggregator."""
-    collate = preference.TokenCollator(pad_token_id=tok.pad_token_id, max_length=max_len)
+    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_len)
     right = {name: 0 for name in tr.AGGREGATORS}
     device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
@@ -83,7 +85,7 @@ def run(common, params: TokenRewardParams, args) -> dict:
         **training.device_args(device) | {"save_strategy": "no"})  # a 1-minute stage; checkpoints would be 0.5 GB
     trainer = tr.TokenRewardTrainer(
         model=model, args=targs, train_dataset=Dataset.from_list(train),
-        data_collator=preference.TokenCollator(pad_token_id=tok.pad_token_id, max_length=common.max_len),
+        data_collator=DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=common.max_len),
         callbacks=[training.StopOnNaN()], aggregator=params.aggregator, tau=params.tau)
     result = trainer.train()
     metrics = accuracy(model, tok, held, common.max_len, params.tau)

@@ -31,6 +31,26 @@ def test_every_block_parses(path):
         dpo.resolve(dpo_params, variant, str(path))
 
 
+def test_params_yaml_values_are_the_dataclass_defaults():
+    """Defaults live in one place: every setting params.yaml gives equals its dataclass default, so a stage run
+    without a params file (or a block left out) behaves as the default recipe. The named rows of a block (variants,
+    sources, merge rows, evaluated models, report order) are the recipe itself and are left to params.yaml."""
+    import dataclasses
+
+    data = config.read_yaml(ROOT / "params.yaml")
+    blocks = [(config.Common, "common")] + [(params_class(s), s) for s in DVC["stages"]]
+    differ = []
+    for cls, name in blocks:
+        parsed, default = config.parse(cls, data.get(name), name), cls()
+        for f in dataclasses.fields(cls):
+            if isinstance(getattr(default, f.name), (dict, list)) or getattr(default, f.name) is None:
+                continue
+            if getattr(parsed, f.name) != getattr(default, f.name):
+                differ.append(f"{name}.{f.name}: params.yaml {getattr(parsed, f.name)!r}, "
+                              f"default {getattr(default, f.name)!r}")
+    assert not differ, "\n".join(differ)
+
+
 def _lookup(data: dict, dotted: str):
     node = data
     for part in dotted.split("."):
@@ -64,7 +84,7 @@ BAD = [
     ({"dpo": {"defaults": {"beta": -0.1}}}, r"dpo.*beta must be > 0"),
     ({"dpo": {"defaults": {"learning_rate": 0}}}, r"learning_rate must be > 0"),
     ({"dpo": {"defaults": {"alpha": -1.0}}}, r"alpha must be in \[0, 10\]"),
-    ({"dpo": {"defaults": {"loss": "nope"}}}, r"dpo.defaults: loss 'nope' is not one of \['dpo', 'ipo'"),
+    ({"dpo": {"defaults": {"loss": "nope"}}}, r"dpo.defaults: loss 'nope' is not one of \['dpo', 'dpop', 'ipo'"),
     ({"dpo": {"defaults": {"betta": 0.1}}}, r"dpo.defaults: unknown key\(s\) \['betta'\]"),
     ({"sft": {"epochs": "two"}}, r"sft.epochs: expected float, got str"),
     ({"sft": {"lora": "yes"}}, r"sft.lora: expected bool"),

@@ -43,6 +43,8 @@ HAND = {
     "orpo": ({"beta": 0.1}, {}, 1.5 + 0.1 * softplus_neg(-1.24752 + 0.54132)),
     # KTO, beta 0.1: z = max(0, (1.0 - 0.5)/2) = 0.25; (1 - sigma(0.1 * 0.75)) + (1 - sigma(0.1 * 0.75))
     "kto": ({"beta": 0.1}, {}, 2 * (1 - 1 / (1 + math.exp(-0.075)))),
+    # DPOP: the chosen log-ratio r_w = 1.0 > 0, so the penalty max(0, -r_w) is 0 and the loss is DPO's
+    "dpop": ({"beta": 0.1, "dpop_lambda": 5.0}, {}, softplus_neg(0.15)),
 }
 
 
@@ -66,6 +68,33 @@ def _random_batch(seed=0, B=4, T=7) -> PairBatch:
     return PairBatch(r(), r(), r(), r(), mask, mask.flip(-1).clone().index_fill_(1, torch.tensor([0]), 1.0),
                      torch.randn(B, T, generator=g, dtype=torch.float64),
                      torch.randn(B, T, generator=g, dtype=torch.float64))
+
+
+def test_dpop_penalises_a_chosen_log_ratio_below_zero():
+    """policy_chosen [-2, -3] vs ref [-1.5, -2.5]: r_w = -1.0, r_l = -0.5 (as in `pair`); DPO's margin
+    0.1 * (-1.0 + 0.5) = -0.05, penalty 5 * max(0, 1.0) = 5 -> -log sigma(-5.05)."""
+    b = pair()
+    b.policy_chosen = torch.tensor([[-2.0, -3.0, 9]], dtype=torch.float64)
+    assert_close(losses.dpop(b, beta=0.1, dpop_lambda=5.0)[0],
+                 torch.tensor([softplus_neg(-5.05)], dtype=torch.float64))
+    assert_close(losses.dpop(b, beta=0.1, dpop_lambda=0.0)[0], losses.dpo(b, beta=0.1)[0])
+
+
+def test_a_loss_refuses_a_keyword_it_does_not_take():
+    with pytest.raises(TypeError, match="alpha"):
+        losses.dpo(pair(), beta=0.1, alpha=0.5)
+
+
+def test_every_loss_hyperparameter_is_a_variant_param():
+    """The trainer feeds each loss the variant params named like its keyword arguments: each must exist there."""
+    import dataclasses
+
+    from stages import dpo
+
+    fields = {f.name for f in dataclasses.fields(dpo.VariantParams)}
+    for name in losses.LOSSES:
+        assert set(losses.hyperparameters(name)) <= fields, name
+    assert losses.hyperparameters("kto") == ["beta", "desirable_weight", "undesirable_weight"]
 
 
 def test_tgdpo_with_alpha_zero_is_dpo():

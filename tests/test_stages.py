@@ -31,6 +31,7 @@ VARIANTS = {
     "simpo": {"loss": "simpo", "guidance": "data/reference", "beta": 2.0},
     "orpo": {"loss": "orpo", "guidance": "data/reference"},
     "kto": {"loss": "kto", "guidance": "data/reference"},
+    "dpop": {"loss": "dpop", "guidance": "data/reference"},
 }
 SOURCES = {"dpo": {"kind": "dpo", "model": "models/dpo/dpo"},
            "token_reward": {"kind": "token_reward", "model": "models/token_reward"}}
