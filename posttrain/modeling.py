@@ -84,6 +84,13 @@ def load_tokenizer(model_dir: str | Path, padding_side: str = "left"):
     return tok
 
 
+def stage_tokenizer(model_path: str | Path, padding_side: str = "left"):
+    """The tokenizer of a stage's input model (a checkpoint or an adapter chain's base), its chat template checked."""
+    tok = load_tokenizer(model_chain(model_path)[0], padding_side)
+    check_template(tok)
+    return tok
+
+
 def load_model(base_dir: str | Path, adapters: list[str | Path] = (), device: torch.device | None = None,
                trust_remote_code: bool = False):
     """The base checkpoint with each LoRA adapter merged in, in order (an SFT adapter, then a DPO one, ...)."""

@@ -8,6 +8,7 @@ backward, like DPO with precomputed reference log-probs, whatever the loss in `p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ def encode(tok, pair: dict, max_len: int) -> dict[str, list[int]]:
     for side in ("chosen", "rejected"):
         out[f"{side}_ids"] = full[side][n:][: max(0, max_len - n)]
     return out
+
+
+def is_heldout(pair_id: str, fraction: float) -> bool:
+    """A fixed share of pairs, picked by a hash of the id (stable across runs, stages and row order)."""
+    return int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def encoded_rows(tok, pairs: list[dict], max_len: int, source: str) -> tuple[list[dict], Counter]:

@@ -120,8 +120,7 @@ def run(common, params: VariantParams, args) -> dict:
     pairs = io.read_jsonl(args.prefs, "prefs")
     device = modeling.device_for(common.device)
     model, base, parents = training.policy_for_training(args.model, device, common.trust_remote_code)
-    tok = modeling.load_tokenizer(base, padding_side="right")
-    modeling.check_template(tok)
+    tok = modeling.stage_tokenizer(base, padding_side="right")
     dataset, dropped = build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
                                       Path(args.guidance), args.prefs)
     trainer = make_trainer(model, tok, dataset, params, common, device, str(training.ckpt_dir(args.out)))

@@ -43,9 +43,7 @@ def run(common, params: GuidanceParams, args) -> dict:
     ref = preference.read_token_values(Path(args.reference) / "logps.jsonl")
     device = modeling.device_for(common.device)
     causal = args.model if source.kind == "dpo" else token_reward.backbone(args.model)
-    base, _ = modeling.model_chain(causal)
-    tok = modeling.load_tokenizer(base, padding_side="right")
-    modeling.check_template(tok)
+    tok = modeling.stage_tokenizer(causal, padding_side="right")
     rows, _ = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
     rows = [r for r in rows if r["id"] in ref]
     if source.kind == "dpo":

@@ -28,9 +28,7 @@ class ReferenceParams:
 def run(common, params: ReferenceParams, args) -> dict:
     pairs = io.read_jsonl(args.prefs, "prefs")
     device = modeling.device_for(common.device)
-    base, _ = modeling.model_chain(args.model)
-    tok = modeling.load_tokenizer(base, padding_side="right")
-    modeling.check_template(tok)
+    tok = modeling.stage_tokenizer(args.model, padding_side="right")
     rows, dropped = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
     model = modeling.load_chain(args.model, device, common.trust_remote_code)
     values = preference.completion_logps(model, tok, rows, params.batch_size)

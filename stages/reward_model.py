@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import cli, config, io, modeling, reward, tasks, training
-from stages.token_reward import is_heldout
+from posttrain import cli, config, io, modeling, preference, reward, tasks, training
 
 
 @dataclass
@@ -98,11 +97,9 @@ def run(common, params: RewardModelParams, args) -> dict:
         return metrics
     samples = io.read_jsonl(args.samples, "samples")[: params.agreement_prompts]
     device = modeling.device_for(common.device)
-    base, _ = modeling.model_chain(args.model)
-    tok = modeling.load_tokenizer(base, padding_side="right")
-    modeling.check_template(tok)
-    train = [p for p in pairs if not is_heldout(p["id"], params.heldout_fraction)]
-    held = [p for p in pairs if is_heldout(p["id"], params.heldout_fraction)]
+    tok = modeling.stage_tokenizer(args.model, padding_side="right")
+    train = [p for p in pairs if not preference.is_heldout(p["id"], params.heldout_fraction)]
+    held = [p for p in pairs if preference.is_heldout(p["id"], params.heldout_fraction)]
     torch.manual_seed(common.seed)
     model = reward.build(modeling.load_chain(args.model, device, common.trust_remote_code), tok.pad_token_id)
     model.model.requires_grad_(False)  # the head alone learns: a step costs about one forward pass

@@ -58,9 +58,7 @@ def run(common, params: SftParams, args) -> dict:
 
     rows = io.read_jsonl(args.data, "sft")
     device = modeling.device_for(common.device)
-    base, _ = modeling.model_chain(args.model)
-    tok = modeling.load_tokenizer(base, padding_side="right")
-    modeling.check_template(tok)
+    tok = modeling.stage_tokenizer(args.model, padding_side="right")
     data, dropped = to_prompt_completion(rows, tok, common.max_len)
     if not data:
         raise io.InputError(f"{args.data}: no usable row (dropped: {dict(dropped)}): each needs a non-empty final "

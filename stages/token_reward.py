@@ -11,7 +11,6 @@ to `metrics.json`. The model feeds TGDPO through `guidance@token_reward`.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,10 +41,6 @@ class TokenRewardParams:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
 
-def is_heldout(pair_id: str, fraction: float) -> bool:
-    return int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-
 @torch.no_grad()
 def accuracy(model, tok, rows: list[dict], max_len: int, tau: float, batch_size: int = 16) -> dict[str, float]:
     """Held-out pair accuracy of e_phi(chosen) > e_phi(rejected) under each aggregator."""
@@ -69,12 +64,10 @@ def run(common, params: TokenRewardParams, args) -> dict:
 
     pairs = io.read_jsonl(args.prefs, "prefs")
     device = modeling.device_for(common.device)
-    base, _ = modeling.model_chain(args.model)
-    tok = modeling.load_tokenizer(base, padding_side="right")
-    modeling.check_template(tok)
+    tok = modeling.stage_tokenizer(args.model, padding_side="right")
     rows, dropped = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
-    train = [r for r in rows if not is_heldout(r["id"], params.heldout_fraction)]
-    held = [r for r in rows if is_heldout(r["id"], params.heldout_fraction)]
+    train = [r for r in rows if not preference.is_heldout(r["id"], params.heldout_fraction)]
+    held = [r for r in rows if preference.is_heldout(r["id"], params.heldout_fraction)]
     torch.manual_seed(common.seed)
     model = tr.build(modeling.load_chain(args.model, device, common.trust_remote_code))
     model.model.requires_grad_(False)  # the head alone learns: a step costs about one forward pass
