@@ -1,0 +1,203 @@
+"""Judges: who says which of two responses to a prompt is better, looked up by name in `JUDGES`.
+
+Every judge answers two questions about prompt rows (`messages`, and `verifier` where there is one):
+- `scores(rows, samples)`: a score per sample of each row, higher is better (what `label` pairs by);
+- `prefer(rows, first, second)`: per row, the probability that `first` is better than `second`, 0.5 for a tie
+  (what a win rate averages).
+`verifier` reads each prompt's gold verifier spec (posttrain.tasks); `reward_model` the Bradley-Terry reward model
+of the `reward_model` stage (P(first) = sigma(r_first - r_second)); `llm` asks a local causal LM in the MT-Bench /
+AlpacaEval pairwise style. Adding a judge is one class with these two methods, one row of `JUDGES`, one test.
+
+The LLM judge reads the judge's next-token distribution after the verdict question, restricted to the three
+verdict letters (A, B, C = tie), instead of sampling a verdict: one forward pass per comparison, deterministic, and
+a tie is a probability, not a parse failure. Each pair is asked in both orders and the two answers averaged, so a
+judge that always picks the first answer scores every pair 0.5 (position bias cancels; tested).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PAIRWISE_TEMPLATE = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
+    "the user question displayed below. Choose the assistant that follows the user's instructions and answers the "
+    "user's question better, considering correctness, helpfulness, relevance and level of detail. Do not let the "
+    "order of the responses, their length, or the assistants' names influence you. Reply with a single letter: "
+    "\"A\" if assistant A is better, \"B\" if assistant B is better, \"C\" for a tie.\n\n"
+    "[User Question]\n{question}\n\n"
+    "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
+    "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]"
+)
+VERDICTS = ("A", "B", "C")
+
+
+@dataclass
+class LlmJudgeParams:
+    """The LLM judge: a local causal LM and its pairwise prompt."""
+
+    model: str = "models/sft"
+    """A checkpoint, an adapter chain or a hub id. On CPU the bundled SmolLM2 is a plumbing check only: a 135M
+    model is no judge of quality. profiles/gpu.yaml names a real one."""
+    template: str = PAIRWISE_TEMPLATE
+    """Must contain {question}, {answer_a} and {answer_b}, and ask for A, B or C (tie)."""
+    max_answer_chars: int = 2000
+    """Each answer is cut to this many characters before it goes into the prompt (and the cut is marked)."""
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in self.template]
+        if missing:
+            raise ValueError(f"template must contain {missing}")
+        if self.max_answer_chars < 1 or self.batch_size < 1:
+            raise ValueError("max_answer_chars and batch_size must be >= 1")
+
+
+def both_orders(p_first_ab: float, p_first_ba: float) -> float:
+    """P(a better than b) from a judge asked (a, b) and then (b, a): the mean of P(a wins as first) and
+    P(a wins as second) = 1 - P(b wins as first). A judge that always prefers the first answer gives 0.5."""
+    return (p_first_ab + (1.0 - p_first_ba)) / 2
+
+
+def round_robin(n: int, prefer: Callable[[list[tuple[int, int]]], list[float]]) -> list[float]:
+    """Score n samples by their mean probability of beating each other sample (Borda count on probabilities)."""
+    pairs = list(itertools.combinations(range(n), 2))
+    won = [0.0] * n
+    for (i, j), p in zip(pairs, prefer(pairs), strict=True):
+        won[i] += p
+        won[j] += 1 - p
+    return [w / max(n - 1, 1) for w in won]
+
+
+class VerifierJudge:
+    """The gold verifier of each prompt (posttrain.tasks.score)."""
+
+    def __init__(self, **_context) -> None:
+        from posttrain import tasks
+
+        self.score = tasks.score
+
+    def _gold(self, row: dict, response: str) -> float:
+        if row.get("verifier") is None:
+            raise ValueError(f"prompt {row.get('id')!r} has no verifier: judge 'verifier' needs one "
+                             "(use judge 'reward_model' or 'llm' for data without gold answers)")
+        return self.score(row["verifier"], response)
+
+    def scores(self, rows: list[dict], samples: list[list[str]]) -> list[list[float]]:
+        return [[self._gold(r, s) for s in ss] for r, ss in zip(rows, samples, strict=True)]
+
+    def prefer(self, rows: list[dict], first: list[str], second: list[str]) -> list[float]:
+        out = []
+        for r, a, b in zip(rows, first, second, strict=True):
+            ga, gb = self._gold(r, a), self._gold(r, b)
+            out.append(1.0 if ga > gb else 0.5 if ga == gb else 0.0)
+        return out
+
+
+class RewardModelJudge:
+    """The reward_model stage's Bradley-Terry model: P(first better) = sigma(r_first - r_second)."""
+
+    def __init__(self, reward_model: str, device: torch.device, max_len: int, batch_size: int = 32,
+                 trust_remote_code: bool = False, **_context) -> None:
+        from posttrain import reward
+
+        self.model, self.tok = reward.load(reward_model, device, trust_remote_code)
+        self.max_len, self.batch_size = max_len, batch_size
+
+    def _rewards(self, rows: list[dict], responses: list[str]) -> list[float]:
+        from posttrain import reward
+
+        convs = [r["messages"] + [{"role": "assistant", "content": s}] for r, s in zip(rows, responses, strict=True)]
+        return reward.score(self.model, self.tok, convs, self.batch_size, self.max_len)
+
+    def scores(self, rows: list[dict], samples: list[list[str]]) -> list[list[float]]:
+        flat_rows = [r for r, ss in zip(rows, samples, strict=True) for _ in ss]
+        flat = iter(self._rewards(flat_rows, [s for ss in samples for s in ss]))
+        return [[next(flat) for _ in ss] for ss in samples]
+
+    def prefer(self, rows: list[dict], first: list[str], second: list[str]) -> list[float]:
+        ra, rb = self._rewards(rows, first), self._rewards(rows, second)
+        return [1 / (1 + math.exp(b - a)) for a, b in zip(ra, rb, strict=True)]
+
+
+def _question(messages: list[dict]) -> str:
+    """The conversation up to the answer, as the judge reads it: the user turn alone, or every turn labelled."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+
+
+class LlmJudge:
+    """Pairwise comparison by a local causal LM, both orders asked and averaged (see the module docstring)."""
+
+    def __init__(self, llm: LlmJudgeParams, device: torch.device, model=None, tok=None,
+                 trust_remote_code: bool = False, **_context) -> None:
+        from posttrain import modeling
+
+        self.params = llm
+        if model is None:
+            if Path(llm.model).exists():
+                tok = modeling.stage_tokenizer(llm.model)
+                model = modeling.load_chain(llm.model, device, trust_remote_code)
+            else:  # a hub id, for users with a network
+                model, tok = modeling.build_model(llm.model, 0, trust_remote_code)
+                model = model.to(device)
+        self.model, self.tok = model.eval(), tok
+        self.tok.padding_side = "left"
+        ids = [self.tok.encode(v, add_special_tokens=False) for v in VERDICTS]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"judge tokenizer: the verdicts {VERDICTS} must be one token each, got {ids}")
+        self.verdict_ids = [i[0] for i in ids]
+
+    def _clip(self, text: str) -> str:
+        n = self.params.max_answer_chars
+        return text if len(text) <= n else text[:n] + " [...]"
+
+    def render(self, messages: list[dict], a: str, b: str) -> str:
+        from posttrain import modeling
+
+        content = self.params.template.format(question=_question(messages), answer_a=self._clip(a),
+                                              answer_b=self._clip(b))
+        return modeling.render_prompt(self.tok, [{"role": "user", "content": content}])
+
+    @torch.no_grad()
+    def verdicts(self, texts: list[str]) -> torch.Tensor:
+        """(N, 3) probabilities of A, B, C as the judge's first answer token, renormalised over the three."""
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(texts), self.params.batch_size):
+            enc = self.tok(texts[start : start + self.params.batch_size], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(device)
+            logits = self.model(**enc, logits_to_keep=1).logits[:, -1].float()
+            out.append(logits[:, self.verdict_ids].softmax(-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 3)
+
+    def prefer(self, rows: list[dict], first: list[str], second: list[str]) -> list[float]:
+        texts = [self.render(r["messages"], a, b) for r, a, b in zip(rows, first, second, strict=True)]
+        texts += [self.render(r["messages"], b, a) for r, a, b in zip(rows, first, second, strict=True)]
+        v = self.verdicts(texts)
+        n = len(rows)
+        p_first = (v[:, 0] + v[:, 2] / 2).tolist()  # a tie counts half to each side
+        return [both_orders(p_first[i], p_first[n + i]) for i in range(n)]
+
+    def scores(self, rows: list[dict], samples: list[list[str]]) -> list[list[float]]:
+        out = []
+        for row, ss in zip(rows, samples, strict=True):
+            def prefer(pairs, row=row, ss=ss):
+                return self.prefer([row] * len(pairs), [ss[i] for i, _ in pairs], [ss[j] for _, j in pairs])
+
+            out.append(round_robin(len(ss), prefer))
+        return out
+
+
+JUDGES: dict[str, Callable[..., VerifierJudge | RewardModelJudge | LlmJudge]] = {
+    "verifier": VerifierJudge,
+    "reward_model": RewardModelJudge,
+    "llm": LlmJudge,
+}
