@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from posttrain import config
+from posttrain import config, tracking
 
 
 def stage_order(repo_dir: str | Path = ".") -> list[str]:
@@ -71,9 +71,7 @@ def recipe(repo_dir: str = ".", params: str = "params.yaml") -> dict[str, str]:
 
     repo_dir = str(Path(repo_dir).resolve())
     common = config.parse(config.Common, config.read_yaml(Path(repo_dir) / params).get("common"), "common")
-    uri = common.mlflow_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
-        uri = f"sqlite:///{Path(repo_dir) / uri.removeprefix('sqlite:///')}"
+    uri = tracking.resolve_uri(common.mlflow_uri, repo_dir)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(common.mlflow_experiment)
     with mlflow.start_run(run_name="recipe", tags={"flow": "recipe"}) as parent:

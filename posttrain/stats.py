@@ -35,3 +35,14 @@ def summarise(answers: list[dict], n_boot: int, seed: int) -> dict:
             "mean_score": sum(scores) / len(scores), "mean_score_ci": bootstrap_ci(scores, n_boot, seed),
             "mean_length": sum(a["length"] for a in answers) / len(answers),
             "pass_rate_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}
+
+
+def paired_gain(candidate: dict[str, float], champion: dict[str, float], n_boot: int, seed: int,
+                level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of candidate - champion over the same prompt ids, and its paired bootstrap interval (resampling
+    prompts, so what both models find easy or hard cancels)."""
+    if candidate.keys() != champion.keys():
+        raise ValueError("the two models answered different prompts: no paired comparison")
+    diffs = [candidate[i] - champion[i] for i in sorted(candidate)]
+    lo, hi = bootstrap_ci(diffs, n_boot, seed, level)
+    return sum(diffs) / len(diffs), lo, hi

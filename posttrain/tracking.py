@@ -66,3 +66,29 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numeric:
         mlflow.log_metrics(numeric, step=step)
+
+
+def resolve_uri(uri: str, repo: str | Path) -> str:
+    """A relative SQLite store (`sqlite:///mlflow.db`) as an absolute one under `repo`, so a flow or benchmark run
+    from elsewhere reads the repo's store; any other URI unchanged."""
+    path = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(path).is_absolute():
+        return f"sqlite:///{Path(repo).resolve() / path}"
+    return uri
+
+
+def model_version(client, name: str, path: str, run_id: str | None, tags: dict) -> str:
+    """The Model Registry version of model folder `path` (its tag `path`) under `name`, created on first use with the
+    folder as its source; the registered model is created if needed."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="posttrain policies; alias 'champion' = current champion")
+    for v in client.search_model_versions(f"name='{name}'"):
+        if v.tags.get("path") == path:
+            return v.version
+    v = client.create_model_version(name, source=str(Path(path).resolve()), run_id=run_id,
+                                    tags={"path": path} | {k: str(x) for k, x in tags.items()})
+    return v.version

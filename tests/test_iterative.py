@@ -112,12 +112,17 @@ def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
         (d1,) = it.iterative(repo_dir=str(repo))
         r1 = repo / "rounds" / "round_1"
         for f in ("prompts.jsonl", "samples.jsonl", "label/prefs.jsonl", "reference/logps.jsonl", "model/chain.json",
-                  "eval/metrics.json", "champion_eval/answers.jsonl", "decision.json"):
+                  "eval/metrics.json", "select/answers.jsonl", "champion_eval/answers.jsonl",
+                  "champion_select/answers.jsonl", "decision.json"):
             assert (r1 / f).exists(), f
         assert (repo / "rounds" / "round_1.yaml").exists() and (repo / "rounds" / "round_1.dvc").exists()
         assert not list(r1.glob("*.ckpt")) and not list(r1.glob(".*"))
         assert d1["promoted"] and d1["champion"] == "rounds/round_1/model"
-        assert set(d1["ran"]) == {"generate", "label", "reference", "dpo", "evaluate", "evaluate_champion"}
+        assert set(d1["ran"]) == {"generate", "label", "reference", "dpo", "evaluate", "select", "evaluate_champion",
+                                  "select_champion"}
+        # promotion reads the selection split, drawn once and disjoint from every split the pipeline uses
+        selection = _prompts(repo / "rounds" / "selection.jsonl")
+        assert len(selection) == 20 and d1["n_select"] == 20 and d1["n_eval"] == 10
         assert _alias_version(repo) == _version_of(repo, "rounds/round_1/model")
 
         _set(repo, promote={"level": 0.95, "min_gain": 0.99}, variant="tgdpo_token")
@@ -126,14 +131,14 @@ def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
         spec = yaml.safe_load((repo / "rounds" / "round_2.yaml").read_text())
         assert spec["round"]["champion"] == "rounds/round_1/model" and spec["round"]["reference"] == "models/sft"
         assert set(spec["round"]["commands"]) == {"generate", "label", "reference", "token_reward", "guidance", "dpo",
-                                                  "evaluate"}
+                                                  "evaluate", "select"}
         assert set(d2["ran"]) == set(spec["round"]["commands"])
         chain = json.loads((r2 / "model" / "chain.json").read_text())
         assert chain["adapters"] == ["models/sft", "rounds/round_1/model", "rounds/round_2/model"]  # adapters stack
         used = set().union(*(_prompts(repo / "data/prepare" / f"{s}.jsonl") for s in ("train", "eval")))
         assert len(_prompts(r2 / "prompts.jsonl")) == 12
-        assert not _prompts(r2 / "prompts.jsonl") & (_prompts(r1 / "prompts.jsonl") | used)
-        assert not _prompts(r1 / "prompts.jsonl") & used
+        assert not _prompts(r2 / "prompts.jsonl") & (_prompts(r1 / "prompts.jsonl") | used | selection)
+        assert not (_prompts(r1 / "prompts.jsonl") | selection) & used
         assert not d2["promoted"] and d2["champion"] == "rounds/round_1/model"
         assert _alias_version(repo) == _version_of(repo, "rounds/round_1/model")  # the alias stays
         assert _version_of(repo, "rounds/round_2/model")  # the candidate is registered all the same
@@ -142,14 +147,14 @@ def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
         runs = _runs(repo)
         by_id = runs.set_index("run_id")
         stage_runs = _stage_runs(repo)
-        assert len(stage_runs) == 6 + 7
+        assert len(stage_runs) == 8 + 8
         for parent in stage_runs["tags.mlflow.parentRunId"]:
             assert by_id.loc[parent, "tags.mlflow.runName"].startswith("round_")
             assert by_id.loc[by_id.loc[parent, "tags.mlflow.parentRunId"], "tags.mlflow.runName"] == "iterative"
 
         # a finished round re-run: nothing runs
         (again,) = it.iterative(repo_dir=str(repo), round_number=2)
-        assert again["ran"] == [] and len(_stage_runs(repo)) == 13
+        assert again["ran"] == [] and len(_stage_runs(repo)) == 16
 
         # round 3, SIGKILLed in DPO training after a checkpoint, then resumed
         _set(repo, variant="dpo", dpo_defaults={"epochs": 4.0, "save_steps": 1})
@@ -166,7 +171,7 @@ def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
         r3 = repo / "rounds" / "round_3"
         assert not (r3 / "model").exists() and not (r3 / "decision.json").exists()
         (d3,) = it.iterative(repo_dir=str(repo))
-        assert d3["round"] == 3 and d3["ran"] == ["dpo", "evaluate"]  # resumed: sampling and labels were kept
+        assert d3["round"] == 3 and d3["ran"] == ["dpo", "evaluate", "select"]  # resumed: samples, labels kept
         assert (r3 / "decision.json").exists() and not ckpt.exists()
         assert d3["champion_before"] == "rounds/round_1/model"
         assert set(_runs(repo)["status"]) == {"FINISHED", "KILLED"}  # the killed run's MLflow runs are closed

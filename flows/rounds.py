@@ -1,0 +1,323 @@
+"""Iterative DPO rounds as data: the typed round, its plan (which stage runs with which arguments), and the
+promotion decision. Pure: nothing here runs a stage, talks to Prefect or MLflow; flows/iterative.py does.
+
+Round k is planned once, when it starts, into `rounds/round_<k>.yaml`: the params the round started with (with
+`common.seed` and `generate.n_samples` set for the round) plus a `round:` block (`Round`) naming the champion, the
+reference, the variant and the exact command of every step. Its steps, in order: generate (samples from the
+champion on the round's fresh prompts) -> label -> reference -> [TGDPO: token_reward or a DPO guide, then
+guidance] -> dpo (a new LoRA on the champion) -> evaluate on the eval split (reported) and on the selection split
+(decided on); round 1 also evaluates the initial champion on both.
+
+Promotion is decided on the selection split, never on the eval split it reports: `rounds/selection.jsonl`,
+drawn once (before round 1) from the task suite, disjoint from `data/prepare` and from every round's prompts, so
+repeated selection over rounds does not bias the reported figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain import config, io, stats, tasks
+
+ROUNDS = Path("rounds")
+PREPARE = Path("data/prepare")
+EVAL_PROMPTS = PREPARE / "eval.jsonl"
+SELECTION = ROUNDS / "selection.jsonl"
+SELECTION_SEED = 999_983
+"""Added to common.seed for the selection split: a stream no round's seed (common.seed + 1000 k) reaches."""
+
+
+@dataclass
+class Promote:
+    level: float = 0.95
+    """Two-sided level of the paired bootstrap interval of the pass-rate gain."""
+    min_gain: float = 0.0
+    """Promote iff the interval's lower end exceeds this: 0 = better than the champion beyond resampling noise."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.level < 1:
+            raise ValueError(f"level must be in (0, 1), got {self.level}")
+        if not -1 <= self.min_gain < 1:
+            raise ValueError(f"min_gain must be in [-1, 1), got {self.min_gain}")
+
+
+@dataclass
+class IterativeParams:
+    prompts_per_round: int = 600
+    """Fresh training prompts per round; each gives at most one pair."""
+    n_samples: int = 4
+    """Responses per prompt sampled from the champion (overrides generate.n_samples in the round)."""
+    selection_prompts: int = 200
+    """Size of the selection split promotion is decided on (the CI half-width of a pass-rate gain shrinks as
+    1/sqrt of it); drawn once, disjoint from every other split."""
+    variant: str = "dpo"
+    """A key of dpo.variants; a tgdpo variant re-computes its guidance source on each round's pairs."""
+    initial: str = "models/sft"
+    """Round 1's champion."""
+    reference: str = "models/sft"
+    """Reference model of every round's DPO; 'champion' = the round's starting policy."""
+    promote: Promote = field(default_factory=Promote)
+    registered_model: str = "posttrain-policy"
+    """MLflow Model Registry name; its alias `champion` names the current champion."""
+
+    def __post_init__(self) -> None:
+        if min(self.prompts_per_round, self.selection_prompts) < 1:
+            raise ValueError("prompts_per_round and selection_prompts must be >= 1")
+        if self.n_samples < 2:
+            raise ValueError(f"n_samples must be >= 2 to form a pair, got {self.n_samples}")
+
+
+@dataclass
+class Round:
+    """The `round:` block of rounds/round_<k>.yaml: what round k was planned with."""
+
+    k: int
+    seed: int
+    """common.seed + 1000 k: the round's prompts, sampling and training."""
+    champion: str
+    """The model the round samples from and trains on top of."""
+    champion_eval: str
+    """The champion's evaluate folder on the eval split (reported)."""
+    champion_select: str
+    """The champion's evaluate folder on the selection split (decided on)."""
+    reference: str
+    variant: str
+    exclude: list[str]
+    """Prompt files whose prompts the round's must avoid."""
+    git_revision: str = "unknown"
+    commands: dict[str, str] = field(default_factory=dict)
+    """Step name -> the exact command, for the record (`plan` is the truth)."""
+
+    @property
+    def dir(self) -> Path:
+        return round_dir(self.k)
+
+
+@dataclass
+class Step:
+    name: str
+    module: str
+    """stages.<module>.main is called with `argv`."""
+    argv: list[str]
+    done: Path
+    """Written last by the step: it exists iff the step finished."""
+
+    @property
+    def command(self) -> str:
+        return shlex.join(["python", "-m", f"stages.{self.module}", *self.argv])
+
+
+def round_dir(k: int) -> Path:
+    return ROUNDS / f"round_{k}"
+
+
+def spec_path(k: int) -> Path:
+    return ROUNDS / f"round_{k}.yaml"
+
+
+def decision_path(k: int) -> Path:
+    return round_dir(k) / "decision.json"
+
+
+def started_rounds() -> list[int]:
+    """Rounds with a params file (written when a round starts)."""
+    found = (re.fullmatch(r"round_(\d+)\.yaml", p.name) for p in ROUNDS.glob("round_*.yaml"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def next_round() -> int:
+    """The lowest started round without a decision, else one past the last."""
+    started = started_rounds()
+    unfinished = [k for k in started if not decision_path(k).exists()]
+    return unfinished[0] if unfinished else max(started, default=0) + 1
+
+
+def _user_text(messages: list[dict]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+def draw_prompts(prefix: str, n: int, seed: int, task_mix: dict[str, float], exclude: list[str]) -> list[dict]:
+    """`n` distinct task-suite prompts (ids `<prefix>-<task>-<i>`), none of them in the `exclude` files."""
+    seen = {_user_text(r["messages"]) for path in exclude for r in io.read_jsonl(path, "chat")}
+    rng = random.Random(seed)
+    names = sorted(task_mix)
+    weights = [task_mix[t] for t in names]
+    rows: list[dict] = []
+    for _ in range(n * 50):
+        if len(rows) == n:
+            break
+        row = tasks.make_prompt(rng.choices(names, weights)[0], rng)
+        if _user_text(row["messages"]) in seen:
+            continue
+        seen.add(_user_text(row["messages"]))
+        rows.append({"id": f"{prefix}-{row['task']}-{len(rows):05d}"} | row)
+    if len(rows) < n:
+        raise ValueError(f"{prefix}: only {len(rows)} new prompts exist for task_mix {task_mix} outside "
+                         f"{len(seen)} used ones, {n} asked")
+    return rows
+
+
+def prepare_files() -> list[str]:
+    return [str(PREPARE / f"{s}.jsonl") for s in ("train", "eval", "sft")]
+
+
+def selection_rows(data: dict, where: str) -> list[dict]:
+    """The selection split: drawn from the task suite once, disjoint from data/prepare (before any round exists)."""
+    from stages.prepare import PrepareParams
+
+    it = config.parse(IterativeParams, data.get("iterative"), f"{where}: iterative")
+    common = config.parse(config.Common, data.get("common"), f"{where}: common")
+    prepare = config.parse(PrepareParams, data.get("prepare"), f"{where}: prepare")
+    return draw_prompts("select", it.selection_prompts, common.seed + SELECTION_SEED, prepare.task_mix,
+                        prepare_files())
+
+
+def new_spec(k: int, data: dict, where: str) -> dict:
+    """Round k's params file: the current params with the round's seed and sample count, and its `round:` block."""
+    from stages.prepare import PrepareParams
+
+    it = config.parse(IterativeParams, data.get("iterative"), f"{where}: iterative")
+    common = config.parse(config.Common, data.get("common"), f"{where}: common")
+    if config.parse(PrepareParams, data.get("prepare"), f"{where}: prepare").source != "builtin":
+        raise config.ParamsError(f"{where}: prepare.source: iterative rounds draw fresh prompts from the built-in "
+                                 "task suite; a user data set has no generator of new prompts")
+    if k == 1:
+        champion, champion_eval, champion_select = (it.initial, str(round_dir(1) / "champion_eval"),
+                                                    str(round_dir(1) / "champion_select"))
+    else:
+        if not decision_path(k - 1).exists():
+            raise RuntimeError(f"round {k - 1} is not finished ({decision_path(k - 1)} is missing): run it first")
+        prev = json.loads(decision_path(k - 1).read_text())
+        champion, champion_eval, champion_select = prev["champion"], prev["champion_eval"], prev["champion_select"]
+    spec = copy.deepcopy(data)
+    seed = common.seed + 1000 * k
+    spec["common"]["seed"] = seed
+    spec.setdefault("generate", {})["n_samples"] = it.n_samples
+    exclude = prepare_files() + [str(SELECTION)] + [str(round_dir(j) / "prompts.jsonl") for j in range(1, k)]
+    from posttrain import tracking
+
+    r = Round(k=k, seed=seed, champion=champion, champion_eval=champion_eval, champion_select=champion_select,
+              reference=champion if it.reference == "champion" else it.reference, variant=it.variant,
+              exclude=exclude, git_revision=tracking.git_revision())
+    spec["round"] = dataclasses.asdict(r)
+    spec["round"]["commands"] = {s.name: s.command for s in plan(spec)}
+    return spec
+
+
+def read_round(spec: dict, where: str) -> Round:
+    return config.parse(Round, spec.get("round"), f"{where}: round")
+
+
+def _guidance_source(spec: dict, variant, r: Round, where: str):
+    """The guidance source a TGDPO variant names by its folder (data/guidance/<source>, as dvc.yaml writes it)."""
+    from stages.guidance import GuidanceParams
+
+    sources = config.parse(GuidanceParams, spec.get("guidance"), f"{where}: guidance").sources
+    for name, source in sources.items():
+        if Path(variant.guidance) == Path("data/guidance") / name:
+            return name, source
+    raise config.ParamsError(f"{where}: dpo.variants.{r.variant}.guidance: {variant.guidance} is no "
+                             f"data/guidance/<source> of guidance.sources {sorted(sources)}")
+
+
+def plan(spec: dict) -> list[Step]:
+    """The stage executions of a round, in order."""
+    from stages import dpo
+
+    where = str(spec_path(spec["round"]["k"]))
+    r = read_round(spec, where)
+    d = r.dir
+    params = ["--params", str(spec_path(r.k))]
+    prefs, reference = str(d / "label" / "prefs.jsonl"), str(d / "reference")
+    steps = [
+        Step("generate", "generate", params + ["--model", r.champion, "--prompts", str(d / "prompts.jsonl"),
+                                               "--out", str(d / "samples.jsonl")], d / "samples.jsonl"),
+        Step("label", "label", params + ["--samples", str(d / "samples.jsonl"), "--out", str(d / "label")],
+             d / "label"),
+        Step("reference", "reference", params + ["--model", r.reference, "--prefs", prefs, "--out", reference],
+             d / "reference"),
+    ]
+    dpo_params = config.parse(dpo.DpoParams, spec.get("dpo"), f"{where}: dpo")
+    variant = dpo.resolve(dpo_params, r.variant, where)
+    guidance = reference
+    if variant.loss == "tgdpo":  # the variant's guidance source, re-made on this round's pairs
+        source_name, source = _guidance_source(spec, variant, r, where)
+        if source.kind == "token_reward":  # its backbone: the reference, as models/sft in dvc.yaml
+            guide, metrics = d / "token_reward", d / "token_reward_metrics.json"
+            steps.append(Step("token_reward", "token_reward", params + [
+                "--model", r.reference, "--prefs", prefs, "--out", str(guide), "--metrics", str(metrics)], metrics))
+        else:  # the paper's recipe: the DPO-induced token reward of a DPO model trained on the same pairs
+            guide = d / "guide"
+            guide_variant = next((v for v in dpo_params.variants if Path(source.model) == Path("models/dpo") / v),
+                                 None)
+            if guide_variant is None:
+                raise config.ParamsError(f"{where}: guidance.sources.{source_name}.model: {source.model} is no "
+                                         f"models/dpo/<variant> of dpo.variants {sorted(dpo_params.variants)}")
+            steps.append(Step("guide", "dpo", params + [
+                "--variant", guide_variant, "--model", r.champion, "--prefs", prefs, "--reference", reference,
+                "--guidance", reference, "--out", str(guide)], guide))
+        guidance = str(d / "guidance")
+        steps.append(Step("guidance", "guidance", params + [
+            "--name", source_name, "--model", str(guide), "--prefs", prefs, "--reference", reference,
+            "--out", guidance], d / "guidance"))
+    steps.append(Step("dpo", "dpo", params + ["--variant", r.variant, "--model", r.champion, "--prefs", prefs,
+                                              "--reference", reference, "--guidance", guidance,
+                                              "--out", str(d / "model")], d / "model"))
+    evaluations = [("evaluate", str(d / "model"), f"round_{r.k}", EVAL_PROMPTS, str(d / "eval")),
+                   ("select", str(d / "model"), f"round_{r.k}", SELECTION, str(d / "select"))]
+    if Path(r.champion_eval) == d / "champion_eval":  # round 1: the initial model has no evaluations yet
+        evaluations += [("evaluate_champion", r.champion, "champion", EVAL_PROMPTS, r.champion_eval),
+                        ("select_champion", r.champion, "champion", SELECTION, r.champion_select)]
+    for name, model, label, prompts, out in evaluations:
+        steps.append(Step(name, "evaluate", params + ["--name", label, "--model", model, "--prompts", str(prompts),
+                                                      "--out", out], Path(out)))
+    return steps
+
+
+def _passed(folder: str | Path) -> dict[str, float]:
+    return {r["id"]: float(r["passed"]) for r in io.read_jsonl(Path(folder) / "answers.jsonl", "answers")}
+
+
+def decision(r: Round, promote: Promote, candidate: dict[str, float], champion: dict[str, float], n_boot: int,
+             reported: dict[str, dict]) -> dict:
+    """Promote iff the lower end of the paired bootstrap interval (`promote.level`) of the selection-split pass-rate
+    gain (candidate - champion, per prompt id: `candidate`/`champion` map id -> passed) exceeds `promote.min_gain`.
+    `reported` carries the eval-split figures ({'candidate': metrics, 'champion': metrics}) into the record."""
+    gain, lo, hi = stats.paired_gain(candidate, champion, n_boot, r.seed, promote.level)
+    promoted = lo > promote.min_gain
+    cand, champ = reported["candidate"], reported["champion"]
+    return {
+        "round": r.k, "candidate": str(r.dir / "model"), "champion_before": r.champion,
+        "candidate_pass_rate": cand["pass_rate"], "candidate_pass_rate_ci": cand["pass_rate_ci"],
+        "champion_pass_rate": champ["pass_rate"], "champion_pass_rate_ci": champ["pass_rate_ci"],
+        "n_eval": cand["n"], "gain": gain, "gain_ci": [lo, hi], "n_select": len(candidate),
+        "rule": f"promote iff the lower end of the {promote.level:.0%} paired bootstrap interval of pass rate "
+                f"(candidate - champion) over the {len(candidate)} selection prompts > {promote.min_gain}; the "
+                f"pass rates reported are on the {cand['n']} eval prompts, which promotion never reads",
+        "promoted": promoted,
+        "champion": str(r.dir / "model") if promoted else r.champion,
+        "champion_eval": str(r.dir / "eval") if promoted else r.champion_eval,
+        "champion_select": str(r.dir / "select") if promoted else r.champion_select,
+    }
+
+
+def decide(spec: dict) -> dict:
+    """`decision` on the round's files: selection answers decide, eval metrics are reported, label counts pairs."""
+    from stages.evaluate import EvaluateParams
+
+    where = str(spec_path(spec["round"]["k"]))
+    r = read_round(spec, where)
+    it = config.parse(IterativeParams, spec.get("iterative"), f"{where}: iterative")
+    n_boot = config.parse(EvaluateParams, spec.get("evaluate"), f"{where}: evaluate").n_bootstrap
+    reported = {"candidate": json.loads((r.dir / "eval" / "metrics.json").read_text()),
+                "champion": json.loads((Path(r.champion_eval) / "metrics.json").read_text())}
+    out = decision(r, it.promote, _passed(r.dir / "select"), _passed(r.champion_select), n_boot, reported)
+    out["pairs"] = json.loads((r.dir / "label" / "stats.json").read_text())["pairs"]
+    return out
