@@ -255,7 +255,7 @@ def picture(pairs: list[dict], located: list[dict], dpo_rhat: Path, learned_rhat
     induced, learned = preference.read_token_values(dpo_rhat), preference.read_token_values(learned_rhat)
     by_id = {pr["id"]: pr for pr in pairs}
     panels = []
-    for ex in pick_examples(located, n):
+    for ex in pick_examples([r for r in located if r["id"] in induced and r["id"] in learned], n):
         pair, i = by_id[ex["id"]], ex["id"]
         panels += [credit.panel(f"{i} chosen, DPO-induced r_hat", pair["chosen"],
                                 credit.token_spans(tok, pair, "chosen", max_len), induced[i]["chosen"], None),

@@ -167,7 +167,9 @@ def panel(label: str, text: str, spans: list[Span | None], values: list[float], 
 
 def plot_pairs(panels: list[dict], path: str | Path, title: str) -> None:
     """Each panel's tokens as cells coloured by their value (red: low r_hat, blamed; blue: high), one row per
-    line of the response, tokens of the first wrong step boxed; one shared colour scale centred on 0."""
+    line of the response, tokens of the first wrong step boxed. Each panel is scaled by its own largest |value|
+    (given in its label): guidance sources differ in units (a log-ratio, a standardised reward), and what the
+    picture shows is where within a response the blame falls."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,14 +177,16 @@ def plot_pairs(panels: list[dict], path: str | Path, title: str) -> None:
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.patches import Rectangle
 
-    scale = max((abs(v) for p in panels for v in p["values"]), default=1.0) or 1.0
-    norm, cmap = TwoSlopeNorm(vcenter=0.0, vmin=-scale, vmax=scale), plt.get_cmap("RdBu")
-    cells, labels, row, width = [], [], 0, 45  # room for the colour bar's label
+    norm, cmap = TwoSlopeNorm(vcenter=0.0, vmin=-1.0, vmax=1.0), plt.get_cmap("RdBu")
+    cells, labels, row, width = [], [], 0, max(45, len(title))  # room for the colour bar's label and the title
     for p in panels:
-        labels.append((row, p["label"]))
-        width = max(width, len(p["label"]))
+        scale = max((abs(v) for v in p["values"]), default=0.0) or 1.0
+        label = f"{p['label']} (max |r_hat| {scale:.3g})"
+        labels.append((row, label))
+        width = max(width, len(label))
         row, x = row + 1, 0
-        for piece, value, marked in zip(p["pieces"], p["values"], p["marked"], strict=True):
+        for piece, raw, marked in zip(p["pieces"], p["values"], p["marked"], strict=True):
+            value = raw / scale
             for k, part in enumerate(piece.split("\n")):
                 if k:
                     row, x = row + 1, 0
@@ -194,10 +198,15 @@ def plot_pairs(panels: list[dict], path: str | Path, title: str) -> None:
     # a monospace character at 9 pt is 0.6 x 9 / 72 = 0.075 in wide; the axes take 0.96 of the figure's width
     fig, ax = plt.subplots(figsize=(0.078 * (width + 1), 0.3 * row + 1.2))
     fig.subplots_adjust(left=0.02, right=0.98)
+    boxes: dict[int, list[int]] = {}
     for x, y, part, value, marked in cells:
-        ax.add_patch(Rectangle((x, -y - 0.85), len(part), 0.8, facecolor=cmap(norm(value)),
-                               edgecolor="black" if marked else "none", linewidth=1.2))
+        ax.add_patch(Rectangle((x, -y - 0.85), len(part), 0.8, facecolor=cmap(norm(value)), edgecolor="none"))
         ax.text(x + 0.05, -y - 0.45, part, family="monospace", fontsize=9, va="center", ha="left")
+        if marked:
+            boxes.setdefault(y, []).extend((x, x + len(part)))
+    for y, xs in boxes.items():  # one box per line around the first wrong step's tokens
+        ax.add_patch(Rectangle((min(xs), -y - 0.9), max(xs) - min(xs), 0.9, fill=False, edgecolor="black",
+                               linewidth=1.2))
     for y, text in labels:
         ax.text(0, -y - 0.45, text, fontsize=9, fontweight="bold", va="center", ha="left")
     ax.set_xlim(0, width + 1)
@@ -205,10 +214,10 @@ def plot_pairs(panels: list[dict], path: str | Path, title: str) -> None:
     ax.axis("off")
     ax.set_title(title, fontsize=10)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, orientation="horizontal", fraction=0.04,
-                 pad=0.02, label="r_hat (boxed: the first wrong step)")
+                 pad=0.02, label="r_hat / its panel's max |r_hat| (boxed: the first wrong step)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
