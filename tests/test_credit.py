@@ -130,3 +130,91 @@ def test_panel_and_plot(tmp_path):
     credit.plot_pairs([p, p | {"label": "chosen", "marked": [False] * 4}], out, "two panels")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in out.parent.iterdir()] == ["pairs.png"]  # no temp file left behind
+
+
+# --- bench/long_answers.py: its pure parts (the benchmark itself trains for hours) --------------------------------
+
+def test_bench_method_names_and_params(tmp_path):
+    from bench import long_answers as la
+
+    assert la.method_names([1.0, 4.0, 2.5]) == ["dpo", "tgdpo", "tgdpo_token_x1", "tgdpo_token_x4",
+                                                "tgdpo_token_x2.5"]
+    params = {"common": {"seed": 0, "mlflow_uri": "sqlite:///mlflow.db", "mlflow_experiment": "posttrain"},
+              "token_reward": {"aggregator": "average", "tau": 1.0}}
+    got = la.bench_params(tmp_path, params, 2, token_reward={"aggregator": "soft_min"})
+    assert got["common"] == {"seed": 2, "mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                             "mlflow_experiment": "bench-long-answers"}
+    assert got["token_reward"] == {"aggregator": "soft_min", "tau": 1.0}
+    assert params["common"]["seed"] == 0 and params["token_reward"]["aggregator"] == "average"  # a copy
+
+
+def test_bench_end_scores():
+    from bench import long_answers as la
+
+    specs = {"w": ADD3, "v": ADD3, "n": {"type": "number", "answer": 85}}
+    answers = [{"id": "w", "passed": True, "response": tasks.solve(ADD3)},
+               {"id": "v", "passed": False, "response": "55 + 97 = 142\n142 + 23 = 165\nAnswer: 165"},
+               {"id": "n", "passed": True, "response": "85"}]
+    assert la.end_scores(answers, specs) == {"w": {"pass": 1.0, "step_score": 1.0},
+                                             "v": {"pass": 0.0, "step_score": pytest.approx(2 / 3)}}
+
+
+def test_bench_compare_pairs_by_prompt_and_seed():
+    """Differences per seed: seed 0 a 1, b 0, c 0 (mean 1/3); seed 1 a 1, b 1, c 0 (mean 2/3). Averaged over seeds
+    per prompt: a 1, b 0.5, c 0, mean 0.5. Over seeds: mean 0.5, half-width t(1) x stdev / sqrt(2) = 12.706 / 6."""
+    from bench import long_answers as la
+
+    method = {0: {"a": 1.0, "b": 0.0, "c": 1.0}, 1: {"a": 1.0, "b": 1.0, "c": 0.0}}
+    base = {0: {"a": 0.0, "b": 0.0, "c": 1.0}, 1: {"a": 0.0, "b": 0.0, "c": 0.0}}
+    got = la.compare(method, base, n_boot=200)
+    assert got["mean"] == pytest.approx(0.5) and got["prompts"] == 3
+    assert got["per_seed"] == pytest.approx({0: 1 / 3, 1: 2 / 3})
+    assert got["seeds"]["ci"] == pytest.approx([0.5 - 12.706 / 6, 0.5 + 12.706 / 6])
+    assert 0.0 <= got["ci_prompts"][0] <= got["ci_prompts"][1] <= 1.0
+    alone = la.compare(method, None, n_boot=200)  # the method's own figure: per prompt a 1, b 0.5, c 0.5
+    assert alone["mean"] == pytest.approx(2 / 3)
+    assert la.goal_met({"mean": 0.03, "ci_prompts": [0.001, 0.06]})
+    assert not la.goal_met({"mean": 0.029, "ci_prompts": [0.001, 0.06]})
+    assert not la.goal_met({"mean": 0.05, "ci_prompts": [0.0, 0.1]})
+
+
+def test_bench_reuses_the_pipeline_models_of_its_own_seed(tmp_path):
+    from bench import long_answers as la
+
+    for name in ("dpo", "tgdpo_token"):
+        (tmp_path / "models/dpo" / name).mkdir(parents=True)
+    params = {"common": {"seed": 0}, "guidance": {"sources": {"token_reward": {"scale": 1.0}}}}
+    assert la.reusable(tmp_path, params, 0, [1.0, 4.0]) == {"dpo": "dpo", "tgdpo_token_x1": "tgdpo_token"}
+    assert la.reusable(tmp_path, params, 0, [4.0]) == {"dpo": "dpo"}  # no run here at the pipeline's scale
+    assert la.reusable(tmp_path, params, 1, [1.0]) == {}
+
+
+def test_bench_picks_examples_with_a_shared_prefix():
+    from bench import long_answers as la
+
+    rows = [{"id": "c", "wrong": (14, 28)}, {"id": "a", "wrong": (0, 13)}, {"id": "b", "wrong": None},
+            {"id": "d", "wrong": (29, 40)}, {"id": "e", "wrong": (5, 9)}]
+    assert [r["id"] for r in la.pick_examples(rows, 2)] == ["c", "d"]
+
+
+def test_bench_refuses_a_repo_without_enough_worked_prompts(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from bench import long_answers as la
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "profiles/long.yaml", tmp_path / "params.yaml")
+    (tmp_path / "models/sft").mkdir(parents=True)
+    (tmp_path / "models/sft/chain.json").write_text(json.dumps({"base": str(tmp_path / "models/base"),
+                                                                "adapters": []}))
+    rows = [{"id": f"w{i}", "task": "chain_add", "messages": PROMPT, "verifier": ADD3} for i in range(2)]
+    (tmp_path / "data/prepare").mkdir(parents=True)
+    for split in ("eval", "train"):
+        (tmp_path / f"data/prepare/{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="names .*models/base, not found"):
+        la.main(["--repo", str(tmp_path)])
+    (tmp_path / "models/base").mkdir()
+    with pytest.raises(SystemExit, match="2 held-out prompts of worked tasks, --min-eval 500"):
+        la.main(["--repo", str(tmp_path)])
