@@ -83,6 +83,8 @@ STEP_CASES = [
     # slip in step 0 but step 1 restarts from the true 152: step 1 contradicts its own previous line, so it is
     # wrong too; the final answer is right, yet the score is 0.5 x 1/3, not 1.0
     (ADD3, "55 + 97 = 142\n152 + 23 = 175\nAnswer: 175", [F, F, T], T, (0, 13), 0.5 * 1 / 3),
+    # step 0 unreadable ("is" for "="; 14 characters): step 1 is checked against the true 152, as nothing was written
+    (ADD3, "55 + 97 is 152\n152 + 23 = 175\nAnswer: 175", [F, T, T], T, (0, 14), 0.5 * 2 / 3),
     # slip in the middle step of four: line 1 starts at 13 + 1 = 14 and is 14 long
     (ADD4, "55 + 97 = 152\n152 + 23 = 165\n165 + 41 = 206\nAnswer: 206", [T, F, T, T], F, (14, 28), 0.5 * 3 / 4),
     # every step right, the Answer line wrong: it starts at 14 + 14 + 1 = 29
