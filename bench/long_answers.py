@@ -33,6 +33,7 @@ Writes `--out` (bench/results/long_answers.json) through `bench.machine.write_re
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -58,7 +59,7 @@ def method_names(scales: list[float]) -> list[str]:
 def bench_params(repo: Path, params: dict, seed: int, **blocks) -> dict:
     """The pipeline's params with `common.seed` = seed, MLflow runs into the repo's store under their own
     experiment, and `blocks` merged over their blocks (one level deep)."""
-    out = json.loads(json.dumps(params))
+    out = copy.deepcopy(params)
     out["common"]["seed"] = seed
     uri = out["common"]["mlflow_uri"]
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
