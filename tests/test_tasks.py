@@ -1,4 +1,5 @@
-"""Every verifier on hand-checked responses, and the solver scoring 1.0 on every task."""
+"""Every verifier on hand-checked responses, the step-level judge of worked answers, and the solver scoring 1.0 on
+every task."""
 
 import random
 
@@ -34,6 +35,11 @@ CASES = [
     ({"type": "include", "keyword": "river"}, "The river is wide.", 1.0),
     ({"type": "include", "keyword": "river"}, "The rivers are wide.", 0.2),
     ({"type": "include", "keyword": "river"}, "  ", 0.0),
+    # worked answers: 1.0 iff every step and the final answer are right, else 0.5 x share of right steps
+    ({"type": "chain_add", "operands": [55, 97, 23]}, "55 + 97 = 152\n152 + 23 = 175\nAnswer: 175", 1.0),
+    ({"type": "chain_add", "operands": [55, 97, 23]}, "55 + 97 = 142\n142 + 23 = 165\nAnswer: 165", 0.5 * 2 / 3),
+    ({"type": "mul_steps", "a": 47, "b": 36}, "47 * 6 = 282\n47 * 30 = 1410\n282 + 1410 = 1692\nAnswer: 1692", 1.0),
+    ({"type": "mul_steps", "a": 47, "b": 36}, "1692", 0.0),  # the right number with no work: no step is there
 ]
 
 
@@ -57,3 +63,124 @@ def test_solver_scores_full_marks(task):
 def test_unknown_verifier_is_named():
     with pytest.raises(ValueError, match="unknown verifier type 'nope'"):
         tasks.score({"type": "nope"}, "x")
+
+
+# --- worked answers, step by step --------------------------------------------------------------------------------
+# Plans: chain_add [55, 97, 23] is 55 + 97 = 152, 152 + 23 = 175, then "Answer: 175" (3 judged steps);
+# [55, 97, 23, 41] adds 175 + 41 = 216 (4 steps); mul_steps 47 * 36 is 47 * 6 = 282, 47 * 30 = 1410,
+# 282 + 1410 = 1692, then "Answer: 1692" (4 steps). Spans are [start, end) character offsets, found by counting:
+# "55 + 97 = 152" is 13 characters, "152 + 23 = 175" 14, "Answer: 175" 11; "47 * 6 = 282" 12, "47 * 30 = 1410" 14,
+# "282 + 1410 = 1692" 17, "Answer: 1692" 12; each line is followed by one "\n".
+ADD3 = {"type": "chain_add", "operands": [55, 97, 23]}
+ADD4 = {"type": "chain_add", "operands": [55, 97, 23, 41]}
+MUL = {"type": "mul_steps", "a": 47, "b": 36}
+T, F = True, False
+STEP_CASES = [
+    # (spec, response, step scores, final answer right, first wrong span, score)
+    (ADD3, "55 + 97 = 152\n152 + 23 = 175\nAnswer: 175", [T, T, T], T, None, 1.0),
+    # slip in step 0 carried forward: steps 1 and the answer are right given 142 (error carried forward)
+    (ADD3, "55 + 97 = 142\n142 + 23 = 165\nAnswer: 165", [F, T, T], F, (0, 13), 0.5 * 2 / 3),
+    # slip in step 0 but step 1 restarts from the true 152: step 1 contradicts its own previous line, so it is
+    # wrong too; the final answer is right, yet the score is 0.5 x 1/3, not 1.0
+    (ADD3, "55 + 97 = 142\n152 + 23 = 175\nAnswer: 175", [F, F, T], T, (0, 13), 0.5 * 1 / 3),
+    # step 0 unreadable ("is" for "="; 14 characters): step 1 is checked against the true 152, as nothing was written
+    (ADD3, "55 + 97 is 152\n152 + 23 = 175\nAnswer: 175", [F, T, T], T, (0, 14), 0.5 * 2 / 3),
+    # slip in the middle step of four: line 1 starts at 13 + 1 = 14 and is 14 long
+    (ADD4, "55 + 97 = 152\n152 + 23 = 165\n165 + 41 = 206\nAnswer: 206", [T, F, T, T], F, (14, 28), 0.5 * 3 / 4),
+    # every step right, the Answer line wrong: it starts at 14 + 14 + 1 = 29
+    (ADD3, "55 + 97 = 152\n152 + 23 = 175\nAnswer: 185", [T, T, F], F, (29, 40), 0.5 * 2 / 3),
+    # garbage: line 0 is no step, step 1 and the Answer line are missing; no "Answer:" at all
+    (ADD3, "I think it is 175.", [F, F, F], F, (0, 18), 0.0),
+    (ADD3, "", [F, F, F], F, (0, 0), 0.0),
+    # stops early: step 1 is the line "Answer: 152" (14..25); the answer step is missing, its span is (len, len)
+    (ADD3, "55 + 97 = 152\nAnswer: 152", [T, F, F], F, (14, 25), 0.5 * 1 / 3),
+    # text after the Answer line: the answer step spans 29..(29 + 11 + 1 + 16) and is not exactly "Answer: N";
+    # the last "Answer:" carries 175, so the final answer counts as right
+    (ADD3, "55 + 97 = 152\n152 + 23 = 175\nAnswer: 175\nHope this helps!", [T, T, F], T, (29, 57), 0.5 * 2 / 3),
+    # extra whitespace: "  55 + 97 = 152 \n\n  152+23=175\n Answer:175  \n": line 0 is 2..15, the blank line is
+    # skipped, "152+23=175" is 20..30, "Answer:175" 32..42
+    (ADD3, "  55 + 97 = 152 \n\n  152+23=175\n Answer:175  \n", [T, T, T], T, None, 1.0),
+    (ADD3, "  55 + 97 = 152 \n\n  152+23=175\n Answer:176  \n", [T, T, F], F, (32, 42), 0.5 * 2 / 3),
+    (MUL, "47 * 6 = 282\n47 * 30 = 1410\n282 + 1410 = 1692\nAnswer: 1692", [T, T, T, T], T, None, 1.0),
+    # wrong first partial product, carried into the sum
+    (MUL, "47 * 6 = 272\n47 * 30 = 1410\n272 + 1410 = 1682\nAnswer: 1682", [F, T, T, T], F, (0, 12), 0.375),
+    # wrong middle step: the tens partial product (line 1 is 13..27)
+    (MUL, "47 * 6 = 282\n47 * 30 = 1310\n282 + 1310 = 1592\nAnswer: 1592", [T, F, T, T], F, (13, 27), 0.375),
+    # the place-value slip: 47 * 3 instead of 47 * 30 ("47 * 3 = 141" is 13..25); the sum of what was written is right
+    (MUL, "47 * 6 = 282\n47 * 3 = 141\n282 + 141 = 423\nAnswer: 423", [T, F, T, T], F, (13, 25), 0.375),
+    # wrong sum (line 2 is 13 + 14 + 1 = 28..45)
+    (MUL, "47 * 6 = 282\n47 * 30 = 1410\n282 + 1410 = 1602\nAnswer: 1602", [T, T, F, T], F, (28, 45), 0.375),
+    # wrong final line only (46..58)
+    (MUL, "47 * 6 = 282\n47 * 30 = 1410\n282 + 1410 = 1692\nAnswer: 1962", [T, T, T, F], F, (46, 58), 0.375),
+    (MUL, "1692", [F, F, F, F], F, (0, 4), 0.0),
+    # CRLF line ends, "x" for times, a full stop after the answer: lines at 0..12, 14..28, 30..47, 49..62
+    (MUL, "47 x 6 = 282\r\n47 x 30 = 1410\r\n282 + 1410 = 1692\r\nAnswer: 1692.", [T, T, T, T], T, None, 1.0),
+    (MUL, "47 x 6 = 282\r\n47 x 30 = 1400\r\n282 + 1400 = 1682\r\nAnswer: 1682.", [T, F, T, T], F, (14, 28), 0.375),
+]
+
+
+@pytest.mark.parametrize(("spec", "response", "step_scores", "final", "span", "expected"), STEP_CASES)
+def test_worked_steps_hand_checked(spec, response, step_scores, final, span, expected):
+    judged = tasks.steps(spec, response)
+    assert judged == tasks.StepScore(final, step_scores, span)
+    assert tasks.score(spec, response) == pytest.approx(expected)
+    assert tasks.step_share(spec, response) == pytest.approx(sum(step_scores) / len(step_scores))
+    if span is not None and span[0] < span[1]:
+        assert response[span[0] : span[1]].strip() == response[span[0] : span[1]]  # no surrounding whitespace
+
+
+@pytest.mark.parametrize("task", sorted(tasks.PLANS))
+def test_worked_near_miss_slips_exactly_the_chosen_step(task):
+    """A near miss at step j: the first wrong step is j, every other step is right (the slip propagates
+    correctly), the final answer is wrong, and the score is 0.5 x (n - 1) / n."""
+    rng = random.Random(3)
+    for _ in range(30):
+        spec = tasks.make_prompt(task, rng)["verifier"]
+        n = len(tasks.steps(spec, tasks.solve(spec)).step_scores)
+        for j in range(n):
+            miss = tasks.near_miss(spec, rng, step=j)
+            judged = tasks.steps(spec, miss)
+            assert judged.step_scores == [i != j for i in range(n)]
+            assert not judged.final_correct
+            assert judged.first_wrong_span == tasks._lines(miss)[j]  # the j-th line: the answer line for j = n - 1
+            assert tasks.score(spec, miss) == pytest.approx(0.5 * (n - 1) / n)
+    with pytest.raises(ValueError, match="step must be in"):
+        tasks.near_miss(spec, rng, step=n)
+
+
+def test_near_miss_is_none_for_tasks_without_one():
+    assert tasks.near_miss({"type": "uppercase", "word": "apple"}, random.Random(0)) is None
+
+
+def test_steps_refuses_a_task_without_steps():
+    with pytest.raises(ValueError, match=r"verifier type 'number' has no steps; worked types: \['chain_add'"):
+        tasks.steps({"type": "number", "answer": 3}, "3")
+
+
+def test_worked_answers_are_20_to_60_tokens():
+    """The worked tasks exist for their length: the solver's answers are 20-60 SmolLM2 tokens (digits are single
+    tokens), where the default task's answers are about 3."""
+    from posttrain import modeling
+
+    _, tok = modeling.build_model("tiny", 0)
+    rng = random.Random(0)
+    for task in tasks.PLANS:
+        lengths = [len(tok(tasks.solve(tasks.make_prompt(task, rng)["verifier"]), add_special_tokens=False).input_ids)
+                   for _ in range(50)]
+        assert 20 <= min(lengths) and max(lengths) <= 60, (task, min(lengths), max(lengths))
+
+
+def test_long_profile_passes_the_config_checks():
+    """profiles/long.yaml passes what tests/test_config.py asks of every profile, mixes only worked tasks, and
+    holds out the >= 500 prompts bench/long_answers.py needs."""
+    from pathlib import Path
+
+    from posttrain import config
+    from stages import prepare
+    from tests import test_config
+
+    long = Path(__file__).resolve().parents[1] / "profiles" / "long.yaml"
+    test_config.test_every_block_parses(long)
+    test_config.test_dvc_params_keys_exist(long)
+    _, params = config.load(prepare.PrepareParams, "prepare", long)
+    assert set(params.task_mix) == set(tasks.PLANS) and params.n_eval >= 500
