@@ -1,53 +1,138 @@
-"""The Bradley-Terry sequence reward model: a scalar head on the last token of a causal LM's backbone.
+"""The reward models: a causal LM (LoRA-trained) with a scalar head, whose reward also reads the LM's own log-probs.
 
-`build` turns a causal LM (the SFT model) into `AutoModelForSequenceClassification` with one label and the same
-backbone weights; TRL's RewardTrainer trains it on (prompt, chosen, rejected) with -log sigma(r_w - r_l). Only the
-head is saved (`head.safetensors` + `backbone.json`, a few KB), like the token reward model. `score` gives the
-reward of whole conversations; the `label` stage uses it as a judge where no verifier exists.
+One model class serves both reward models of the recipe:
+- the Bradley-Terry sequence reward model (`reward_model` stage, TRL's RewardTrainer):
+      r(x, y) = w . h_last  +  a * sum_t log p_phi(token_t | tokens_<t)
+  h_last = the final hidden state at the sequence's last token (the sequence-classification head);
+- the preference-grounded token reward of seed 001 (`token_reward` stage):
+      r_t = w . h_t  +  a * log p_phi(token_t | tokens_<t)      at every position t,
+  aggregated over the response by posttrain.token_reward.AGGREGATORS.
+phi is the SFT model with a LoRA adapter (or all its weights, `lora: false`), trained with the head w and the scale
+a (which starts at 1, w at 0) on the Bradley-Terry loss. Why the log-prob term: a head on a frozen or LoRA-tuned
+backbone barely learns arithmetic correctness from pairs (shared/reference/MEASURED.md: 0.55 held-out on near-miss
+sums, against 0.92 for the SFT model's own likelihood); the language model's token log-probs already carry it, so
+the reward starts as the SFT model's log-likelihood of the conversation and training moves the head, the adapter
+and the scale from there. The stages report the held-out accuracy before training too, so what training adds shows.
+Over a pair, the prompt's log-probs are the same on both sides and cancel in r_w - r_l.
+
+Saved: `adapter/` (the LoRA adapter, or `model/` for a full fine-tune), `head.safetensors` (w and a),
+`backbone.json` (the causal-LM chain it was built on) and `hyperparameters.yaml`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 
-def build(causal_lm, pad_token_id: int):
-    """A sequence-classification model (one scalar per sequence, read at its last non-pad token) sharing the causal
-    LM's backbone weights; the head starts at zero so every reward starts equal."""
-    from transformers import AutoModelForSequenceClassification
+class RewardModel(torch.nn.Module):
+    """A causal LM, a scalar head on its final hidden states, and a scale on its token log-probs."""
 
-    config = causal_lm.config
-    config.num_labels = 1
-    config.pad_token_id = pad_token_id
-    model = AutoModelForSequenceClassification.from_config(config)
-    model.model.load_state_dict(causal_lm.model.state_dict())
-    torch.nn.init.zeros_(model.score.weight)
-    return model.to(causal_lm.device, causal_lm.dtype)
+    def __init__(self, lm) -> None:
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config  # what TRL's RewardTrainer reads (num_labels, pad_token_id)
+        self.config.num_labels = 1
+        self.score = torch.nn.Linear(lm.config.hidden_size, 1, bias=False, dtype=lm.dtype, device=lm.device)
+        torch.nn.init.zeros_(self.score.weight)
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float32, device=lm.device))
+
+    def add_model_tags(self, tags) -> None:
+        """What TRL's trainers call on a transformers model: passed on to the language model."""
+        self.lm.add_model_tags(tags)
+
+    def _parts(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) head values w . h_t and (B, T) log p(token_t | tokens_<t) (0 at t = 0 and on padding)."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        head = self.score(out.hidden_states[-1]).squeeze(-1).float()
+        logp = torch.gather(out.logits[:, :-1].float().log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+        logp = F.pad(logp * attention_mask[:, 1:], (1, 0))
+        return head, logp
+
+    def token_rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) r_t = w . h_t + a * log p(token_t | tokens_<t)."""
+        head, logp = self._parts(input_ids, attention_mask)
+        return head + self.scale * logp
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, **_trainer_kwargs) -> SimpleNamespace:
+        """Sequence rewards as `.logits` (B, 1), read at the last non-pad token (right padding), as TRL expects.
+        RewardTrainer also passes `use_cache=False`, which the inner call sets anyway."""
+        head, logp = self._parts(input_ids, attention_mask)
+        last = attention_mask.sum(-1) - 1
+        r = head[torch.arange(len(last)), last] + self.scale * logp.sum(-1)
+        return SimpleNamespace(logits=r[:, None])
 
 
-def save(model, out: str | Path, backbone_model: str, resolved: dict) -> None:
-    """Only the head is trained: `head.safetensors` + `backbone.json`, written as the token reward model's are."""
-    from posttrain import token_reward
+def build(causal_lm, lora=None) -> RewardModel:
+    """A RewardModel on `causal_lm` (the SFT model, merged); with `lora` (LoraParams) only a LoRA adapter of it, the
+    head and the scale train, else every weight does."""
+    if lora is not None:
+        from peft import get_peft_model
 
-    token_reward.save(model, out, backbone_model, resolved)
+        from posttrain import training
+
+        causal_lm = get_peft_model(causal_lm, training.lora_config(lora))
+    return RewardModel(causal_lm)
 
 
-def load(path: str | Path, device: torch.device, trust_remote_code: bool = False):
-    """(model, tokenizer) of a trained reward model: the backbone named in backbone.json + the trained head."""
+def save(model: RewardModel, out: str | Path, backbone_model: str, resolved: dict) -> None:
+    """Write the trained parts atomically: the adapter (or the whole LM), the head and scale, the backbone's name."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from posttrain import io, training
+
+    with io.atomic_dir(out) as tmp:
+        lm = model.lm
+        lm.save_pretrained(tmp / ("adapter" if hasattr(lm, "peft_config") else "model"), safe_serialization=True)
+        save_file({"weight": model.score.weight.detach().cpu().contiguous(),
+                   "scale": model.scale.detach().cpu().reshape(1)}, str(tmp / "head.safetensors"))
+        (tmp / "backbone.json").write_text(json.dumps({"model": str(backbone_model)}) + "\n")
+        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    training.finish(out)
+
+
+def backbone(path: str | Path) -> str:
+    """The causal-LM model (checkpoint or chain) a reward model was built on."""
+    return json.loads((Path(path) / "backbone.json").read_text())["model"]
+
+
+def load_model(path: str | Path, device: torch.device, trust_remote_code: bool = False) -> RewardModel:
+    """A trained reward model: its backbone chain, its adapter merged in (or its whole saved LM), head and scale."""
+    from peft import PeftModel
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from posttrain import io, modeling
 
-    if (Path(path) / "untrained.json").exists():
-        raise io.InputError(f"{path}: {json.loads((Path(path) / 'untrained.json').read_text())['reason']}")
-    backbone = json.loads((Path(path) / "backbone.json").read_text())["model"]
-    tok = modeling.load_tokenizer(modeling.model_chain(backbone)[0], padding_side="right")
-    model = build(modeling.load_chain(backbone, device, trust_remote_code), tok.pad_token_id)
-    model.score.load_state_dict(load_file(str(Path(path) / "head.safetensors")))
-    return model.to(device).eval(), tok
+    path = Path(path)
+    if (path / "untrained.json").exists():
+        raise io.InputError(f"{path}: {json.loads((path / 'untrained.json').read_text())['reason']}")
+    if (path / "model").is_dir():
+        lm = AutoModelForCausalLM.from_pretrained(str(path / "model"), dtype=modeling.dtype_for(device),
+                                                  trust_remote_code=trust_remote_code).to(device)
+    else:
+        lm = modeling.load_chain(backbone(path), device, trust_remote_code)
+        lm = PeftModel.from_pretrained(lm, str(path / "adapter")).merge_and_unload()
+    model = RewardModel(lm)
+    head = load_file(str(path / "head.safetensors"))
+    with torch.no_grad():
+        model.score.weight.copy_(head["weight"])
+        model.scale.copy_(head["scale"][0])
+    return model.to(device).eval()
+
+
+def load(path: str | Path, device: torch.device, trust_remote_code: bool = False):
+    """(model, tokenizer): the reward model and its backbone's checked tokenizer (right padding)."""
+    from posttrain import modeling
+
+    model = load_model(path, device, trust_remote_code)  # first: an untrained folder says why before anything loads
+    return model, modeling.stage_tokenizer(backbone(path), padding_side="right")
 
 
 @torch.no_grad()

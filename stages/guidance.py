@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from posttrain import cli, config, io, modeling, preference, token_reward
+from posttrain import cli, config, io, modeling, preference, reward, token_reward
 
 
 @dataclass
@@ -42,7 +42,7 @@ def run(common, params: GuidanceParams, args) -> dict:
     pairs = io.read_jsonl(args.prefs, "prefs")
     ref = preference.read_token_values(Path(args.reference) / "logps.jsonl")
     device = modeling.device_for(common.device)
-    causal = args.model if source.kind == "dpo" else token_reward.backbone(args.model)
+    causal = args.model if source.kind == "dpo" else reward.backbone(args.model)
     tok = modeling.stage_tokenizer(causal, padding_side="right")
     rows, _ = preference.encoded_rows(tok, pairs, common.max_len, args.prefs)
     rows = [r for r in rows if r["id"] in ref]
@@ -62,7 +62,7 @@ def run(common, params: GuidanceParams, args) -> dict:
 
 @torch.no_grad()
 def _token_reward_values(path, tok, rows, batch_size: int, max_len: int, device, scale: float) -> list[dict]:
-    model = token_reward.load(path, device)
+    model = reward.load_model(path, device)
     collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_len)
     out = []
     for start in range(0, len(rows), batch_size):

@@ -4,10 +4,13 @@
     python -m stages.reward_model --model models/sft --prefs data/prepare/rm_prefs.jsonl \
         --samples data/generate/samples.jsonl --out models/reward_model --metrics reports/reward_model/metrics.json
 
-A scalar head on the last token of the frozen SFT backbone (`reward.build`), trained on the offline pairs of
+The SFT model with a LoRA adapter (`lora: false`: every weight), a scalar head on its last token's hidden state and
+a learned multiple of its own log-likelihood of the conversation (`posttrain.reward.RewardModel`: why the
+likelihood term, and what it starts from, is said there), trained with TRL's RewardTrainer on the offline pairs of
 `prepare` (rm_prefs.jsonl: the role a human-labelled preference set plays in RLHF) minus a held-out slice
 (`heldout_fraction`, by id hash). Measured, in metrics.json:
-- `heldout_accuracy`: r(chosen) > r(rejected) on the held-out pairs;
+- `heldout_accuracy`: r(chosen) > r(rejected) on the held-out pairs; `heldout_accuracy_initial` the same before
+  training (the SFT model's own likelihood), so what training adds shows;
 - `verifier_agreement`: on the policy's own samples (the first `agreement_prompts` prompts of samples.jsonl), the
   share of response pairs with different gold scores that the reward model orders the same way as the verifier;
 - `best_of_n_pass_rate` vs `mean_pass_rate`: gold pass rate of the reward model's top pick among each prompt's
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,8 +32,10 @@ from posttrain import cli, config, io, modeling, preference, reward, tasks, trai
 @dataclass
 class RewardModelParams:
     heldout_fraction: float = 0.2
-    learning_rate: float = 1.0e-2
-    """A linear head from zero on frozen features: a probe's learning rate."""
+    lora: bool = True
+    """Train a LoRA adapter of the SFT model (a few MB saved); false trains every weight (a 0.5 GB output)."""
+    lora_params: training.LoraParams = field(default_factory=training.LoraParams)
+    learning_rate: float = 1.0e-4
     epochs: float = 1.0
     batch_size: int = 8
     agreement_prompts: int = 100
@@ -101,21 +106,23 @@ def run(common, params: RewardModelParams, args) -> dict:
     train = [p for p in pairs if not preference.is_heldout(p["id"], params.heldout_fraction)]
     held = [p for p in pairs if preference.is_heldout(p["id"], params.heldout_fraction)]
     torch.manual_seed(common.seed)
-    model = reward.build(modeling.load_chain(args.model, device, common.trust_remote_code), tok.pad_token_id)
-    model.model.requires_grad_(False)  # the head alone learns: a step costs about one forward pass
+    model = reward.build(modeling.load_chain(args.model, device, common.trust_remote_code),
+                         params.lora_params if params.lora else None)
+    initial = heldout_accuracy(model.eval(), tok, held, common.max_len)
     data = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
                                "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in train])
     cfg = RewardConfig(
         output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size, max_length=common.max_len,
         logging_steps=params.logging_steps, seed=common.seed,
-        **training.device_args(device) | {"save_strategy": "no"})  # a 1-minute stage; only the head is trained
+        **training.device_args(device) | {"save_strategy": "no"})  # a few minutes; a checkpoint would be the whole LM
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
                             callbacks=[training.StopOnNaN()])
     result = trainer.train()
     model.eval()
     metrics = {"heldout_accuracy": heldout_accuracy(model, tok, held, common.max_len),
-               "train_pairs": len(train), "heldout_pairs": len(held), "train_loss": result.training_loss}
+               "heldout_accuracy_initial": initial, "scale": float(model.scale.detach()), "train_pairs": len(train),
+               "heldout_pairs": len(held), "train_loss": result.training_loss}
     metrics |= agreement(model, tok, samples, common.max_len, common.seed)
     resolved = {"reward_model": config.to_dict(params), "common": config.to_dict(common)}
     reward.save(model, args.out, args.model, resolved)
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", required=True, help="backbone: the SFT model (checkpoint or adapter chain)")
     p.add_argument("--prefs", required=True, help="training pairs (JSONL, schema `prefs`)")
     p.add_argument("--samples", required=True, help="the policy's samples (JSONL, schema `samples`), for agreement")
-    p.add_argument("--out", required=True, help="output folder: head.safetensors, backbone.json")
+    p.add_argument("--out", required=True, help="output folder: adapter/, head.safetensors, backbone.json")
     p.add_argument("--metrics", required=True, help="metrics.json path")
     return cli.execute("reward_model", RewardModelParams, p.parse_args(argv), run)
 

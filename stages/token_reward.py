@@ -3,21 +3,23 @@
     dvc repro token_reward
     python -m stages.token_reward --model models/sft --prefs data/label/prefs.jsonl --out models/token_reward
 
-A scalar head per token on the frozen SFT backbone, trained so that the aggregate of its token rewards
-(`token_reward.aggregator`: average, soft_max or soft_min) orders chosen over rejected (Bradley-Terry). A held-out
-slice of the pairs (`heldout_fraction`, picked by id hash) measures pair accuracy under each aggregator, written
-to `metrics.json`. The model feeds TGDPO through `guidance@token_reward`.
+A per-token reward on the SFT model (a LoRA adapter, a scalar head on each token's hidden state and a learned
+multiple of the token's log-prob: posttrain.reward.RewardModel.token_rewards), trained so that the aggregate of its
+token rewards (`token_reward.aggregator`: average, soft_max or soft_min) orders chosen over rejected
+(Bradley-Terry). A held-out slice of the pairs (`heldout_fraction`, picked by id hash) measures pair accuracy under
+each aggregator, before and after training, written to `metrics.json`. The model feeds TGDPO through
+`guidance@token_reward`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from posttrain import cli, config, io, modeling, preference, training
+from posttrain import cli, config, io, modeling, preference, reward, training
 from posttrain import token_reward as tr
 
 
@@ -28,8 +30,10 @@ class TokenRewardParams:
     tau: float = 1.0
     """Temperature of soft_max / soft_min."""
     heldout_fraction: float = 0.2
-    learning_rate: float = 1e-2
-    """A linear head from zero on frozen features: a probe's learning rate."""
+    lora: bool = True
+    """Train a LoRA adapter of the SFT model (a few MB saved); false trains every weight (a 0.5 GB output)."""
+    lora_params: training.LoraParams = field(default_factory=training.LoraParams)
+    learning_rate: float = 1e-4
     epochs: float = 1.0
     batch_size: int = 8
     logging_steps: int = 5
@@ -69,20 +73,23 @@ def run(common, params: TokenRewardParams, args) -> dict:
     train = [r for r in rows if not preference.is_heldout(r["id"], params.heldout_fraction)]
     held = [r for r in rows if preference.is_heldout(r["id"], params.heldout_fraction)]
     torch.manual_seed(common.seed)
-    model = tr.build(modeling.load_chain(args.model, device, common.trust_remote_code))
-    model.model.requires_grad_(False)  # the head alone learns: a step costs about one forward pass
+    model = reward.build(modeling.load_chain(args.model, device, common.trust_remote_code),
+                         params.lora_params if params.lora else None)
+    initial = accuracy(model.eval(), tok, held, common.max_len, params.tau)
     targs = TrainingArguments(
         output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,
         logging_steps=params.logging_steps, seed=common.seed, remove_unused_columns=False,
-        **training.device_args(device) | {"save_strategy": "no"})  # a 1-minute stage; checkpoints would be 0.5 GB
+        **training.device_args(device) | {"save_strategy": "no"})  # a few minutes; a checkpoint would be the whole LM
     trainer = tr.TokenRewardTrainer(
         model=model, args=targs, train_dataset=Dataset.from_list(train),
         data_collator=DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=common.max_len),
         callbacks=[training.StopOnNaN()], aggregator=params.aggregator, tau=params.tau)
     result = trainer.train()
-    metrics = accuracy(model, tok, held, common.max_len, params.tau)
-    tr.save(model, args.out, args.model, {"token_reward": config.to_dict(params), "common": config.to_dict(common)})
+    metrics = accuracy(model.eval(), tok, held, common.max_len, params.tau) | {
+        f"{k}_initial": v for k, v in initial.items()} | {"scale": float(model.scale.detach())}
+    resolved = {"token_reward": config.to_dict(params), "common": config.to_dict(common)}
+    reward.save(model, args.out, args.model, resolved)
     metrics |= {"train_loss": result.training_loss, "train_pairs": len(train), "heldout_pairs": len(held)} | {
         f"dropped_{k}": v for k, v in dropped.items()}
     io.write_json(args.metrics, metrics)

@@ -10,7 +10,7 @@ from posttrain import config, losses
 from stages import dpo
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILES = [ROOT / "params.yaml", ROOT / "profiles" / "tiny.yaml"]
+PROFILES = [ROOT / "params.yaml", ROOT / "profiles" / "tiny.yaml", ROOT / "profiles" / "long.yaml"]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 

@@ -92,9 +92,7 @@ def test_verifier_judge():
 
 
 def test_reward_model_judge_is_sigmoid_of_the_reward_difference(workdir, tmp_path):
-    causal = modeling.load_chain(workdir / "models/base")
-    tok = modeling.stage_tokenizer(workdir / "models/base", padding_side="right")
-    rm = reward.build(causal, tok.pad_token_id)
+    rm = reward.build(modeling.load_chain(workdir / "models/base"))
     torch.manual_seed(0)
     torch.nn.init.normal_(rm.score.weight, std=1.0)
     reward.save(rm, tmp_path / "rm", str(workdir / "models/base"), {})

@@ -191,6 +191,9 @@ def test_token_reward_model(pipeline):
     assert m["train_pairs"] + m["heldout_pairs"] == pipeline["label"]["pairs"]
     head = load_file(str(pipeline["dir"] / "models/token_reward/head.safetensors"))
     assert float(head["weight"].abs().sum()) > 0, "the head starts at zero: training must have moved it"
+    assert float(head["scale"]) == pytest.approx(m["scale"]) and m["scale"] != 1.0, "the scale starts at 1, learns"
+    assert _lora_b_norm(pipeline["dir"] / "models/token_reward/adapter") > 0, "the LoRA adapter trained"
+    assert {"heldout_accuracy_average_initial", "heldout_accuracy_soft_min_initial"} <= set(m)
     from posttrain import preference
 
     rhat = preference.read_token_values(pipeline["dir"] / "data/guidance/token_reward/rhat.jsonl")
@@ -202,9 +205,12 @@ def test_reward_model_trains_its_head_and_measures_agreement(pipeline):
     from safetensors.torch import load_file
 
     w = pipeline["dir"]
-    head = load_file(str(w / "models/reward_model/head.safetensors"))["weight"]
-    assert head.abs().sum() > 0, "the head starts at zero: training must have moved it"
+    head = load_file(str(w / "models/reward_model/head.safetensors"))
+    assert head["weight"].abs().sum() > 0, "the head starts at zero: training must have moved it"
+    assert _lora_b_norm(w / "models/reward_model/adapter") > 0, "LoRA B starts at zero: the adapter trained"
     m = pipeline["reward_model"]
+    assert float(head["scale"]) == pytest.approx(m["scale"]) and m["scale"] != 1.0  # starts at 1
+    assert 0 <= m["heldout_accuracy_initial"] <= 1
     rm_pairs = io.read_jsonl(w / "data/prepare/rm_prefs.jsonl", "prefs")
     assert len(rm_pairs) == 16 and m["train_pairs"] + m["heldout_pairs"] == 16
     assert all(p["chosen_score"] > p["rejected_score"] for p in rm_pairs)
