@@ -89,3 +89,6 @@ def test_pipeline_bench_collects_stage_runs_and_the_eval_table(tmp_path):
     got = pipeline.eval_table(tmp_path)
     assert got["rows"] == {"sft": {"pass_rate": 0.3, "pass_rate_ci": [0.0, 0.6], "n": 10}}
     assert got["markdown"] == REPORT.splitlines()[4:8] and got["ship"].startswith("Ship: sft.")
+    # dvc's "Running stage" lines at 1.0 s and 4.5 s of a 10 s command
+    assert pipeline.stage_walls([(1.0, "prepare"), (4.5, "evaluate@sft")], 10.0) == {"prepare": 3.5,
+                                                                                    "evaluate@sft": 5.5}
