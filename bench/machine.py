@@ -6,6 +6,7 @@ the date. Every bench script writes its results file through `write_results`; no
 A dirty tree is `git status --porcelain` with anything in it outside `bench/results/`: modified or staged tracked
 files, and untracked files that .gitignore does not cover (a new module the benchmark may import is code that ran).
 Results files themselves do not count, so two benchmarks can run one after the other before either is committed.
+A commit made while a benchmark runs counts as dirty too: the revision written would not be the code that ran.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ PROVENANCE_KEYS = ("command", "git_revision", "dirty", "machine", "date")
 """The top-level keys every results file carries (tests/test_provenance.py checks each file under bench/results)."""
 
 RESULTS_DIR = "bench/results/"
+
+_started: str | None = None
+"""HEAD when `require_clean` ran at the start of this benchmark."""
 
 
 def describe() -> dict:
@@ -76,6 +80,8 @@ def write_results(path: str | Path, results: dict, argv: list[str] | None = None
     if clash:
         raise ValueError(f"results may not set the provenance keys {clash}")
     sha, dirty = git_state()
+    if _started is not None and _started != sha:  # a commit during the run: HEAD is not the code that ran
+        dirty.append(f"HEAD moved from {_started[:12]} to {sha[:12]} while the benchmark ran")
     if dirty and not allow_dirty:
         raise SystemExit(f"error: refusing to write {path}: the git tree is dirty ({'; '.join(dirty[:5])}"
                          f"{' ...' if len(dirty) > 5 else ''}); commit first, or pass --allow-dirty to record "
@@ -94,8 +100,10 @@ def module_command(module: str, argv: list[str] | None) -> list[str] | None:
 
 
 def require_clean(allow_dirty: bool) -> None:
-    """Refuse before a long benchmark starts, rather than after it, when its results could not be written."""
-    _, dirty = git_state()
+    """Refuse before a long benchmark starts, rather than after it, when its results could not be written; note
+    HEAD, so that `write_results` can tell a commit made while the benchmark ran."""
+    global _started
+    _started, dirty = git_state()
     if dirty and not allow_dirty:
         raise SystemExit(f"error: the git tree is dirty ({'; '.join(dirty[:5])}); commit first, or pass "
                          "--allow-dirty to record the figures as dirty")

@@ -29,6 +29,7 @@ def _git(repo, *args):
 
 @pytest.fixture()
 def repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "_started", None)
     _git(tmp_path, "init", "-q")
     (tmp_path / ".gitignore").write_text("scratch/\n")
     (tmp_path / "code.py").write_text("x = 1\n")
@@ -38,7 +39,7 @@ def repo(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_write_results_records_provenance_and_refuses_a_dirty_tree(repo):
+def test_write_results_records_provenance_and_refuses_a_dirty_tree(repo, monkeypatch):
     sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     (repo / "scratch").mkdir()
     (repo / "scratch" / "ignored.bin").write_text("ignored files do not make the tree dirty")
@@ -62,6 +63,13 @@ def test_write_results_records_provenance_and_refuses_a_dirty_tree(repo):
                                  allow_dirty=True)["dirty"] is True
 
     _git(repo, "checkout", "code.py")
+    machine.require_clean(allow_dirty=False)  # a benchmark starts here ...
+    (repo / "code.py").write_text("x = 3\n")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "... and the code changes under it")
+    with pytest.raises(SystemExit, match="HEAD moved from"):
+        machine.write_results("bench/results/v.json", {}, ["python", "-m", "bench.v"])
+    monkeypatch.setattr(machine, "_started", None)
+
     (repo / "new_module.py").write_text("y = 1\n")  # untracked and not ignored: code that may have run
     with pytest.raises(SystemExit, match="new_module.py"):
         machine.write_results("bench/results/w.json", {}, ["python", "-m", "bench.w"])
