@@ -55,12 +55,16 @@ def stages() -> dict:
 
 
 def test_dvc_yaml_deps_cover_each_stage_import_closure():
-    missing = {}
+    missing, extra = {}, {}
     for name, (module, deps) in stages().items():
         files = {str(p.relative_to(ROOT)) for p in closure(_module_file(module))}
         if files - deps:
             missing[name] = sorted(files - deps)
+        code = {d for d in deps if d.endswith(".py")}
+        if code - files:  # a module the stage no longer imports would re-run it for nothing
+            extra[name] = sorted(code - files)
     assert not missing, f"dvc.yaml deps miss files the stage imports: {missing}"
+    assert not extra, f"dvc.yaml deps list modules the stage does not import: {extra}"
 
 
 def test_closure_follows_lazy_and_transitive_imports():
