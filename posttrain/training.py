@@ -75,10 +75,11 @@ class StopOnNaN(TrainerCallback):
     from non-finite trainable weights (a NaN step between two logs), so the last checkpoint on disk is a good one."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        # runs after the Trainer decided to save this step and before it saves
+        # runs after the Trainer decided to save this step and before it saves; under FSDP each process checks its
+        # own shard (`to_local`), under ZeRO-3 a partitioned parameter is empty here and passes
         if control.should_save and model is not None:
-            bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()),
-                       None)
+            bad = next((n for n, p in model.named_parameters() if p.requires_grad
+                        and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()), None)
             if bad is not None:
                 raise FloatingPointError(f"weight {bad} is not finite at step {state.global_step}; not saving it: "
                                          f"the last good checkpoint is kept in {args.output_dir}")
