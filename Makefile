@@ -1,4 +1,4 @@
-# The two commands of the README:  `make run` (the main job)  and  `make test`.
+# The two commands of the README:  `make run` (the main job, ending with the eval table)  and  `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
@@ -19,8 +19,9 @@ run: setup
 	@test -d .git || (git init -q && echo "initialised a git repo (dvc needs one)")
 	@test -d .dvc || $(BIN)/dvc init -q
 	PATH=$(BIN):$$PATH $(BIN)/dvc repro
-	PATH=$(BIN):$$PATH $(BIN)/dvc metrics show reports/metrics.json
+	@$(PY) -m posttrain.table reports/report.md
 	@echo "results: reports/report.md, reports/scores.png, reports/metrics.json; models under models/;"
+	@echo "per-model metrics: $(BIN)/dvc metrics show"
 	@echo "MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
 
 test: setup

@@ -44,7 +44,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="bench/results/generation.json")
+    p.add_argument("--allow-dirty", action="store_true", help="write from a dirty git tree (recorded)")
     args = p.parse_args(argv)
+    machine.require_clean(args.allow_dirty)
     device = modeling.device_for("auto")
     base, _ = modeling.model_chain(args.model)
     tok = modeling.load_tokenizer(base)
@@ -70,11 +72,11 @@ def main(argv=None) -> dict:
         results[name] = {"seconds": round(seconds, 2), "new_tokens": count(texts),
                          "new_tokens_per_s": round(count(texts) / seconds, 1), "sequences": len(texts)}
         print(f"{name}: {results[name]}")
-    out = {"machine": machine.describe(), "model": args.model, "prompts": len(prompts), "n": args.n,
+    out = {"model": args.model, "prompts": len(prompts), "n": args.n,
            "max_new_tokens": args.max_new_tokens, "results": results,
            "speedup_shared_prefill": round(results["hf_shared_prefill"]["new_tokens_per_s"]
                                            / results["hf_num_return_sequences"]["new_tokens_per_s"], 2)}
-    io.write_json(args.out, out)
+    out = machine.write_results(args.out, out, machine.module_command("bench.generation", argv), args.allow_dirty)
     return out
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 import yaml
 
 from bench import machine
-from posttrain import io
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +108,9 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", default=["linear"], help="keys of stages.merge.METHODS to measure")
     p.add_argument("--params", default="params.yaml", help="params file whose common block the stage runs with")
     p.add_argument("--out", default="bench/results/merge_memory.json")
+    p.add_argument("--allow-dirty", action="store_true", help="write from a dirty git tree (recorded)")
     args = p.parse_args(argv)
+    machine.require_clean(args.allow_dirty)
     from stages import merge
 
     with tempfile.TemporaryDirectory(prefix="merge_memory-") as tmp:
@@ -134,9 +135,10 @@ def main(argv=None) -> dict:
             print(f"{method:<7} {r['wall_s']:6.1f} s  peak RSS {r['peak_rss_mb']:5d} MB (anon {r['peak_anon_mb']:5d})"
                   f"  one model {size:4.0f} MB: above the import floor {r['rss_above_floor_over_model']:.2f}x "
                   f"(anon {r['anon_above_floor_over_model']:.2f}x)")
-    result = {"machine": machine.describe(), "endpoints": source, "aligned": str(aligned), "other": str(other),
+    result = {"endpoints": source, "aligned": str(aligned), "other": str(other),
               "import_floor": floor, "runs": runs}
-    io.write_json(args.out, result)
+    result = machine.write_results(args.out, result, machine.module_command("bench.merge_memory", argv),
+                                   args.allow_dirty)
     print(f"import floor: RSS {floor['peak_rss_mb']} MB, anon {floor['peak_anon_mb']} MB; wrote {args.out}")
     return result
 

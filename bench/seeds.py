@@ -87,7 +87,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--work", default="bench/work/seeds", help="scratch folder (per-seed models, answers)")
     p.add_argument("--out", default="bench/results/seeds.json")
+    p.add_argument("--allow-dirty", action="store_true", help="write from a dirty git tree (recorded)")
     args = p.parse_args(argv)
+    machine.require_clean(args.allow_dirty)
     repo = Path(args.repo).resolve()
     sft = answers(repo / "reports/evaluate/sft/answers.jsonl")
     ids = sorted(sft)
@@ -105,10 +107,10 @@ def main(argv=None) -> dict:
     paired = {f"{v}_minus_dpo": {k: t_interval([per_seed[v][s][k] - per_seed["dpo"][s][k] for s in args.seeds])
                                  for k in ("pass_rate", "win_rate_vs_sft")} for v in VARIANTS if v != "dpo"}
     sft_pass = sum(s == 1.0 for s in sft.values()) / len(sft)
-    out = {"machine": machine.describe(), "seeds": args.seeds, "eval_prompts": len(ids), "sft_pass_rate": sft_pass,
+    out = {"seeds": args.seeds, "eval_prompts": len(ids), "sft_pass_rate": sft_pass,
            "per_seed": per_seed, "summary": summary, "paired_vs_dpo": paired,
            "wall_s": round(time.perf_counter() - t0, 1)}
-    io.write_json(args.out, out)
+    out = machine.write_results(args.out, out, machine.module_command("bench.seeds", argv), args.allow_dirty)
     print(json.dumps({"summary": summary, "paired_vs_dpo": paired}, indent=1))
     return out
 

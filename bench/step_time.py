@@ -71,7 +71,9 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="bench/results/step_time.json")
+    p.add_argument("--allow-dirty", action="store_true", help="write from a dirty git tree (recorded)")
     args = p.parse_args(argv)
+    machine.require_clean(args.allow_dirty)
 
     common, all_params = config.load(dpo.DpoParams, "dpo", args.params)
     pairs = io.read_jsonl(args.prefs, "prefs")[: args.steps * args.batch_size]
@@ -106,12 +108,12 @@ def main(argv=None) -> dict:
         results[name] = {"median_step_s": step, "steps_timed": len(times[name]),
                          "tokens_per_s": tokens / args.steps / step}
     d = results["dpo"]["median_step_s"]
-    out = {"machine": machine.describe(), "model": args.model, "batch_size_pairs": args.batch_size,
+    out = {"model": args.model, "batch_size_pairs": args.batch_size,
            "max_len": common.max_len, "steps": args.steps, "repeats": args.repeats,
            "tokens_per_step_trl_count": tokens / args.steps, "results": results,
            "ratio_tgdpo_over_dpo": results["tgdpo"]["median_step_s"] / d,
            "ratio_dpo_stage_over_trl_tokens_per_s": results["trl_dpo_defaults"]["median_step_s"] / d}
-    io.write_json(args.out, out)
+    out = machine.write_results(args.out, out, machine.module_command("bench.step_time", argv), args.allow_dirty)
     print(json.dumps({k: v for k, v in out.items() if k.startswith("ratio")}, indent=2))
     return out
 

@@ -122,10 +122,33 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temps(path: Path) -> list[Path]:
+    """Remove the temps of `path` left by writers that died (SIGKILL, OOM) before their rename: each holds a part
+    of an output, possibly a whole checkpoint. A live writer's temp is left alone. Returns what was removed."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write a file atomically: a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
     tmp = _tmp(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -141,9 +164,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp directory that replaces `path` only when the block finishes without error."""
+    """Yield a fresh temp directory that replaces `path` only when the block finishes without error.
+
+    A process killed inside the block leaves its temp (never a partial `path`); the next writer of `path` removes it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
     tmp = _tmp(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -1,7 +1,8 @@
 """MLflow: one run per stage execution, named after the stage, with flattened params, metrics and the git revision.
 
 The store is `common.mlflow_uri` (an embedded SQLite file by default). When a Prefect flow sets
-`MLFLOW_PARENT_RUN_ID`, stage runs nest under the flow's run.
+`MLFLOW_PARENT_RUN_ID`, stage runs nest under the flow's run. Runs are tagged with their DVC experiment, and
+evaluation runs with their model, so they group and compare in the UI.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,35 @@ from posttrain.config import Common, flatten, to_dict
 
 # MLflow caps param values (6000 chars in 3.x; 250 in old servers: transformers #9210); long ones go in the artifact.
 MAX_PARAM_LEN = 500
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow 3's UI opens an experiment without this tag on the GenAI traces overview; with it, on the runs table
+(the tag and its values are read by the UI's experiment page, mlflow/server/js: `ExperimentKind`)."""
+
+
+def dvc_experiment(env: Mapping[str, str] = os.environ) -> str:
+    """The DVC experiment a stage runs in: `dvc exp run` sets DVC_EXP_NAME; a plain `dvc repro` is the workspace."""
+    return env.get("DVC_EXP_NAME") or "workspace"
+
+
+def run_tags(stage: str, revision: str, env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Tags of a stage run: stage, code revision, DVC experiment; an `evaluate@<name>` run also its model's name,
+    so evaluation runs group and compare by model and by experiment."""
+    tags = {"stage": stage, "git_revision": revision, "dvc_experiment": dvc_experiment(env)}
+    if stage.startswith("evaluate@"):
+        tags["model"] = stage.split("@", 1)[1]
+    if env.get("MLFLOW_PARENT_RUN_ID"):
+        tags["mlflow.parentRunId"] = env["MLFLOW_PARENT_RUN_ID"]
+    return tags
+
+
+def use_experiment(uri: str, experiment: str) -> None:
+    """Point MLflow at `uri` and `experiment` (created if new), marked as a model-training experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    mlflow.set_experiment_tags(EXPERIMENT_KIND)
 
 
 def git_revision() -> str:
@@ -43,13 +73,8 @@ def stage_run(stage: str, config: dict, uri: str, experiment: str) -> Iterator[A
     """Start an MLflow run named `stage`, log `config` as params and as `config.yaml`, yield the run."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-    parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
-    tags = {"stage": stage, "git_revision": config.get("git_revision", "unknown")}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+    use_experiment(uri, experiment)
+    with mlflow.start_run(run_name=stage, tags=run_tags(stage, config.get("git_revision", "unknown"))) as run:
         flat = {k: str(v) for k, v in flatten({k: v for k, v in config.items() if k != "git_revision"}).items()}
         mlflow.log_params({k: v[:MAX_PARAM_LEN] for k, v in flat.items()})
         with tempfile.TemporaryDirectory() as tmp:

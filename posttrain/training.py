@@ -59,14 +59,30 @@ def resume_from(out: str | Path) -> str | None:
 
 
 def device_args(device: torch.device) -> dict:
-    """TRL 1.16 defaults to bf16 and gradient checkpointing: on CPU both make a step take minutes."""
+    """TRL 1.16 defaults to bf16 and gradient checkpointing: on CPU both make a step take minutes.
+
+    `logging_nan_inf_filter` is off: with the transformers default a NaN step loss is replaced in the logged
+    average by the finite losses before it, so `StopOnNaN` would never see it and training would go on with NaN
+    weights."""
     cuda = device.type == "cuda"
     return {"bf16": cuda, "gradient_checkpointing": False, "use_cpu": not cuda, "report_to": ["mlflow"],
-            "save_strategy": "steps", "save_total_limit": 1, "disable_tqdm": True, "dataloader_num_workers": 0}
+            "save_strategy": "steps", "save_total_limit": 1, "disable_tqdm": True, "dataloader_num_workers": 0,
+            "logging_nan_inf_filter": False}
 
 
 class StopOnNaN(TrainerCallback):
-    """Stop with a clear error when the logged loss is NaN or infinite; the last good checkpoint stays on disk."""
+    """Stop with a clear error when the logged loss is NaN or infinite, or when a checkpoint is about to be saved
+    from non-finite trainable weights (a NaN step between two logs), so the last checkpoint on disk is a good one."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # runs after the Trainer decided to save this step and before it saves; under FSDP each process checks its
+        # own shard (`to_local`), under ZeRO-3 a partitioned parameter is empty here and passes
+        if control.should_save and model is not None:
+            bad = next((n for n, p in model.named_parameters() if p.requires_grad
+                        and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()), None)
+            if bad is not None:
+                raise FloatingPointError(f"weight {bad} is not finite at step {state.global_step}; not saving it: "
+                                         f"the last good checkpoint is kept in {args.output_dir}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")

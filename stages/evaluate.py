@@ -13,6 +13,7 @@ The alignment tax: `general_ppl`, the model's perplexity on a small general-Engl
 (`posttrain/data/general.txt`, ~4 KB of self-written prose on nothing the tasks ask), in non-overlapping windows of
 `general_window` tokens. A post-trained model that forgot English shows it here. `metrics.json` also records the
 evaluated folder (`model`) and, for a merged model, its `merge.json` (method, alpha, endpoints) for `report`.
+`summary.json` holds the few scalars `dvc metrics show` lists, one row per model.
 """
 
 from __future__ import annotations
@@ -91,9 +92,14 @@ def run(common, params: EvaluateParams, args) -> dict:
     merge_info = Path(args.model) / "merge.json"
     if merge_info.exists():
         metrics["merge"] = json.loads(merge_info.read_text())
+    # `dvc metrics show` lists summary.json, a row per model: a few flat scalars (metrics.json keeps the rest)
+    lo, hi = metrics["pass_rate_ci"]
+    summary = {k: metrics[k] for k in ("pass_rate", "mean_score", "mean_length", "general_ppl")} | {
+        "pass_rate_lo": lo, "pass_rate_hi": hi}
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "answers.jsonl", answers)
         io.write_json(tmp / "metrics.json", metrics)
+        io.write_json(tmp / "summary.json", summary)
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 

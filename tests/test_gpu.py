@@ -34,7 +34,8 @@ CUDA = torch.device("cuda")
 
 
 def record(name: str, figures: dict) -> None:
-    io.write_json(RESULTS / f"gpu_{name}.json", {"machine": machine.describe(), **figures})
+    # a test run may be on a dirty tree: written anyway, with `dirty` saying so
+    machine.write_results(RESULTS / f"gpu_{name}.json", figures, allow_dirty=True)
 
 
 def chat_tokens(tok, rows: list[dict]) -> int:

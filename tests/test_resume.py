@@ -1,5 +1,5 @@
-"""A training stage killed with SIGKILL mid-run leaves no output, and the re-run resumes from its last checkpoint
-to the same weights as an uninterrupted run."""
+"""A training stage (sft, dpo) killed with SIGKILL mid-run leaves no output, and the re-run resumes from its last
+checkpoint to the same weights as an uninterrupted run."""
 
 import os
 import signal
@@ -16,12 +16,35 @@ from transformers.trainer_utils import get_last_checkpoint
 from tests.conftest import ROOT, tiny_params
 
 
-def _sft(params: Path, workdir: Path, data: Path, out: Path) -> subprocess.Popen:
+def _stage(name: str, *args: str) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "stages.sft", "--params", str(params), "--model",
-                             str(workdir / "models/base"), "--data", str(data),
-                             "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _sft(params: Path, workdir: Path, data: Path, out: Path) -> subprocess.Popen:
+    return _stage("sft", "--params", params, "--model", workdir / "models/base", "--data", data, "--out", out)
+
+
+def _kill_after(proc: subprocess.Popen, ckpt: Path, step: int, last: int) -> None:
+    """SIGKILL `proc` a moment after `checkpoint-<step>` appears, and check a checkpoint short of `last` is kept."""
+    deadline = time.time() + 600
+    while not (ckpt / f"checkpoint-{step}").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(1.0)  # mid-way through the steps after it
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = get_last_checkpoint(str(ckpt))
+    assert kept is not None and int(kept.rsplit("-", 1)[1]) < last, "killed before the end, with a checkpoint kept"
+
+
+def _same_adapter(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)  # resumed == uninterrupted, to fp32 noise
 
 
 @pytest.mark.slow
@@ -39,25 +62,49 @@ def test_sigkilled_sft_resumes_to_the_same_weights(workdir, tmp_path):
     killed = tmp_path / "killed"
     proc = _sft(params, workdir, data, killed)
     ckpt = Path(f"{killed}.ckpt")
-    deadline = time.time() + 600
-    while not (ckpt / "checkpoint-4").exists():  # 12 demos / batch 4 = 3 steps an epoch, 12 in all
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.2)
-    time.sleep(1.0)  # mid-way through the steps after checkpoint-4
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after(proc, ckpt, 4, 12)  # 12 demos / batch 4 = 3 steps an epoch, 12 in all
     assert not killed.exists(), "a killed stage must leave no output that DVC could take as complete"
-    last = get_last_checkpoint(str(ckpt))
-    assert last is not None and int(last.rsplit("-", 1)[1]) < 12, "killed before the end, with a checkpoint kept"
 
     proc = _sft(params, workdir, data, killed)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()
     assert not ckpt.exists(), "checkpoints are removed once the stage finishes"
-    a = load_file(str(straight / "adapter_model.safetensors"))
-    b = load_file(str(killed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)  # resumed == uninterrupted, to fp32 noise
+    _same_adapter(straight, killed)
+
+
+@pytest.mark.slow
+def test_sigkilled_dpo_resumes_to_the_same_weights(workdir, tmp_path):
+    """The dpo stage (PreferenceTrainer, cached reference) on prepare's 16 offline pairs from the tiny base model;
+    a stale temp folder of a save killed earlier (`.<name>.tmp-<dead pid>`) is cleaned by the re-run."""
+    from stages import prepare, reference
+
+    params = tiny_params(tmp_path, dpo={"defaults": {"epochs": 3.0, "save_steps": 2, "batch_size": 4,
+                                                     "learning_rate": 1e-3}, "variants": {"dpo": {"loss": "dpo"}}})
+    prepare.main(["--params", str(params), "--out", str(tmp_path / "prepare")])
+    prefs, ref = tmp_path / "prepare" / "rm_prefs.jsonl", tmp_path / "reference"
+    base = workdir / "models/base"
+    reference.main(["--params", str(params), "--model", str(base), "--prefs", str(prefs), "--out", str(ref)])
+
+    def dpo(out: Path) -> subprocess.Popen:
+        return _stage("dpo", "--params", params, "--variant", "dpo", "--model", base, "--prefs", prefs,
+                      "--reference", ref, "--guidance", ref, "--out", out)
+
+    straight = tmp_path / "straight"
+    proc = dpo(straight)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+
+    killed = tmp_path / "killed"
+    proc = dpo(killed)
+    ckpt = Path(f"{killed}.ckpt")
+    _kill_after(proc, ckpt, 4, 12)  # 16 pairs / batch 4 = 4 steps an epoch, 12 in all
+    assert not killed.exists(), "a killed stage must leave no output that DVC could take as complete"
+    stale = tmp_path / f".killed.tmp-{proc.pid}"  # what a kill inside the final save leaves: a partial temp folder
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"partial")
+
+    proc = dpo(killed)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert not ckpt.exists() and not stale.exists()
+    _same_adapter(straight, killed)
 
 
 def test_resume_skips_a_checkpoint_cut_off_mid_write(tmp_path):

@@ -1,0 +1,84 @@
+"""Every results file says which command, code revision (and whether the tree was dirty), machine and date produced
+it; `bench.machine.write_results` writes those keys and refuses a dirty tree unless told."""
+
+import json
+import subprocess
+
+import pytest
+
+from bench import machine
+from tests.conftest import ROOT
+
+
+def test_every_results_file_has_provenance():
+    results = ROOT / "bench" / "results"
+    files = [p for p in results.rglob("*") if p.is_file()] if results.is_dir() else []
+    for p in files:
+        assert p.suffix == ".json", f"{p}: a results file is JSON written by bench.machine.write_results"
+        data = json.loads(p.read_text())
+        missing = [k for k in machine.PROVENANCE_KEYS if k not in data]
+        assert not missing, f"{p}: no {missing}: re-measure it with its bench command (no hand-edited figures)"
+        assert len(data["git_revision"]) == 40 and isinstance(data["dirty"], bool), p
+        assert {"cpu", "cores", "memory_gib", "gpu", "torch", "python"} <= set(data["machine"]), p
+        assert data["command"].startswith("python -m "), p
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+@pytest.fixture()
+def repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "_started", None)
+    _git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("scratch/\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_write_results_records_provenance_and_refuses_a_dirty_tree(repo, monkeypatch):
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (repo / "scratch").mkdir()
+    (repo / "scratch" / "ignored.bin").write_text("ignored files do not make the tree dirty")
+    out = machine.write_results("bench/results/x.json", {"steps": 8},
+                                ["python", "-m", "bench.x", "--steps", "8", "--note", "a b"])
+    on_disk = json.loads((repo / "bench/results/x.json").read_text())
+    assert on_disk == out
+    assert on_disk["steps"] == 8 and on_disk["git_revision"] == sha and on_disk["dirty"] is False
+    assert on_disk["command"] == "python -m bench.x --steps 8 --note 'a b'"
+    assert on_disk["date"].endswith("+00:00")
+    # a results file not yet committed does not make the next benchmark's tree dirty
+    machine.write_results("bench/results/y.json", {"steps": 9}, ["python", "-m", "bench.y"])
+
+    (repo / "code.py").write_text("x = 2\n")
+    with pytest.raises(SystemExit, match="dirty.*code.py.*--allow-dirty"):
+        machine.write_results("bench/results/z.json", {"steps": 1}, ["python", "-m", "bench.z"])
+    with pytest.raises(SystemExit, match="dirty"):
+        machine.require_clean(allow_dirty=False)
+    assert not (repo / "bench/results/z.json").exists()
+    assert machine.write_results("bench/results/z.json", {"steps": 1}, ["python", "-m", "bench.z"],
+                                 allow_dirty=True)["dirty"] is True
+
+    _git(repo, "checkout", "code.py")
+    machine.require_clean(allow_dirty=False)  # a benchmark starts here ...
+    (repo / "code.py").write_text("x = 3\n")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "... and the code changes under it")
+    with pytest.raises(SystemExit, match="HEAD moved from"):
+        machine.write_results("bench/results/v.json", {}, ["python", "-m", "bench.v"])
+    monkeypatch.setattr(machine, "_started", None)
+
+    (repo / "new_module.py").write_text("y = 1\n")  # untracked and not ignored: code that may have run
+    with pytest.raises(SystemExit, match="new_module.py"):
+        machine.write_results("bench/results/w.json", {}, ["python", "-m", "bench.w"])
+    with pytest.raises(ValueError, match="provenance keys"):
+        machine.write_results("bench/results/w.json", {"date": "yesterday"}, allow_dirty=True)
+
+
+def test_every_bench_script_takes_allow_dirty():
+    for p in sorted((ROOT / "bench").glob("*.py")):
+        src = p.read_text()
+        if "def main(" in src:
+            assert '"--allow-dirty"' in src and "machine.write_results(" in src, f"{p.name}: write via write_results"
