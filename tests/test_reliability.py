@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
-from posttrain import io, training
+from posttrain import io, stats, training
 from tests.conftest import ROOT, tiny_params
 
 WRITER = """
@@ -120,37 +120,28 @@ def test_nan_guard_stops_a_real_dpo_run_keeping_the_last_good_checkpoint(workdir
         assert ckpts == [] and len(losses) == 4 and all(x == x for x in losses[:3]) and losses[3] != losses[3]
 
 
-def _answers(path: Path, passed: list[bool]) -> None:
-    io.write_jsonl(path / "answers.jsonl", [
-        {"id": f"p{i:03d}", "task": "add", "response": "", "score": float(p), "passed": p, "length": 1}
-        for i, p in enumerate(passed)])
-    io.write_json(path / "metrics.json", {"n": len(passed), "pass_rate": sum(passed) / len(passed),
-                                          "pass_rate_ci": [0.0, 1.0]})
-
-
 @pytest.mark.parametrize("wins, losses, promoted, lo_range", [
     (11, 3, True, (0.0, 0.01)),     # gain +0.040; normal approx. lower end 0.040 - 1.96 x 0.0185 = +0.004
     (10, 4, False, (-0.01, 0.0)),   # gain +0.030; 0.030 - 1.96 x 0.0186 = -0.006: better on the point, not by rule
     (2, 0, False, (0.0, 0.0)),      # no loss at all, but 0.99^200 = 13% > 2.5% of resamples hold no win: lo = 0
 ])
-def test_promotion_rule_on_a_close_call(tmp_path, monkeypatch, wins, losses, promoted, lo_range):
-    """200 eval prompts the champion and the candidate both answer; they differ on `wins` (candidate right,
+def test_promotion_rule_on_a_close_call(wins, losses, promoted, lo_range):
+    """200 selection prompts the champion and the candidate both answer; they differ on `wins` (candidate right,
     champion wrong) and `losses` prompts. Promote iff the 95% paired-bootstrap lower end is > 0 (strictly)."""
-    from flows import iterative
+    from flows import rounds
 
-    monkeypatch.chdir(tmp_path)
     champ = [False] * wins + [True] * losses + [True] * 60 + [False] * (140 - wins - losses)
     cand = [True] * wins + [False] * losses + [True] * 60 + [False] * (140 - wins - losses)
-    d = iterative.round_dir(1)
-    _answers(d / "eval", cand)
-    _answers(Path("champion_eval"), champ)
-    io.write_json(d / "label" / "stats.json", {"pairs": 5})
-    spec = {"round": {"k": 1, "champion": "models/sft", "champion_eval": "champion_eval", "seed": 0},
-            "iterative": {"promote": {"level": 0.95, "min_gain": 0.0}}, "evaluate": {"n_bootstrap": 1000}}
-    gain, lo, hi = iterative.paired_gain(d / "eval", Path("champion_eval"), 1000, 0, 0.95)
+    as_ids = lambda passed: {f"p{i:03d}": float(p) for i, p in enumerate(passed)}  # noqa: E731
+    r = rounds.Round(k=1, seed=0, champion="models/sft", champion_eval="champion_eval",
+                     champion_select="champion_select", reference="models/sft", variant="dpo", exclude=[])
+    gain, lo, hi = stats.paired_gain(as_ids(cand), as_ids(champ), 1000, 0, 0.95)
     assert gain == pytest.approx((wins - losses) / 200)
     assert lo_range[0] <= lo <= lo_range[1] and (lo == 0.0 if lo_range == (0.0, 0.0) else lo != 0.0)
-    decision = iterative.decide(spec)
+    reported = {"candidate": {"n": 10, "pass_rate": 0.5, "pass_rate_ci": [0, 1]},
+                "champion": {"n": 10, "pass_rate": 0.5, "pass_rate_ci": [0, 1]}}
+    decision = rounds.decision(r, rounds.Promote(level=0.95, min_gain=0.0), as_ids(cand), as_ids(champ), 1000,
+                               reported)
     assert decision["promoted"] is promoted and decision["gain_ci"] == [lo, hi]
-    assert decision["champion"] == (str(d / "model") if promoted else "models/sft")
-    assert decision["champion_eval"] == (str(d / "eval") if promoted else "champion_eval")
+    assert decision["champion"] == ("rounds/round_1/model" if promoted else "models/sft")
+    assert decision["champion_select"] == ("rounds/round_1/select" if promoted else "champion_select")
