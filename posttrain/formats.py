@@ -31,11 +31,13 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
-from posttrain import io
+from posttrain import config, io
 
 ROLES = ("system", "user", "assistant")
+Pairs = Literal["on_policy", "dataset"]
+"""Where preference pairs come from (`prepare.pairs`): sampled from the SFT policy and judged, or the data set's."""
 LOCAL = (".jsonl", ".json", ".parquet", ".csv")
 """File types read from a local path; any other source is a saved `datasets` folder or a hub id."""
 
@@ -310,3 +312,11 @@ def convert(rows: list[dict], name: str, source: str) -> tuple[list[dict], Count
     # ids key the per-token caches: the user's are kept only when every row has one and none repeats
     unique = None not in user_ids and len(set(user_ids)) == len(user_ids)
     return [{"id": rid if unique else f"row-{i}"} | item for i, rid, item in out], dropped
+
+
+def pairs_mode(params_path: str) -> str:
+    """`prepare.pairs` of a params file: generate and label pass the data set's pairs through in 'dataset' mode."""
+    value = (config.read_yaml(params_path).get("prepare") or {}).get("pairs", "on_policy")
+    if value not in get_args(Pairs):
+        raise config.ParamsError(f"{params_path}: prepare.pairs: {value!r} is not one of {list(get_args(Pairs))}")
+    return value

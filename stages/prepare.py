@@ -33,7 +33,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from posttrain import cli, formats, io, reasoning_gym, tasks
 
@@ -53,7 +53,7 @@ class PrepareParams:
     """Hub data sets only: the configuration (subset) name."""
     split: str = "train"
     """Hub data sets and saved DatasetDict folders: the split to read."""
-    pairs: Literal["on_policy", "dataset"] = "on_policy"
+    pairs: formats.Pairs = "on_policy"
     """'on_policy': generate samples the SFT policy and label judges them; 'dataset': the source's own preference
     pairs train the reward model and every preference variant (generate and label pass through)."""
     sft_source: str = ""
