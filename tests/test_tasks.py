@@ -6,6 +6,8 @@ import pytest
 
 from posttrain import tasks
 
+RG_SPEC = {"type": "reasoning_gym", "dataset": "chain_sum", "config": {"min_terms": 2, "max_terms": 2}, "seed": 0,
+           "size": 5, "index": 0, "answer": "-3579"}
 CASES = [
     # (spec, response, expected score) -- partial credit worked out in the comments
     ({"type": "number", "answer": 85}, "85", 1.0),
@@ -34,6 +36,8 @@ CASES = [
     ({"type": "include", "keyword": "river"}, "The river is wide.", 1.0),
     ({"type": "include", "keyword": "river"}, "The rivers are wide.", 0.2),
     ({"type": "include", "keyword": "river"}, "  ", 0.0),
+    (RG_SPEC, "-3579", 1.0),  # reasoning-gym chain_sum entry 0 of seed 0: 1663 - 5242; its score_answer is exact
+    (RG_SPEC, "-3578", 0.0),
 ]
 
 
