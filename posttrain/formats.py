@@ -27,6 +27,7 @@ Too-long rows need the tokenizer, so the training stages count those (`too_long`
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -62,9 +63,9 @@ class Drop(Exception):  # noqa: N818 (a control-flow signal, not an error)
 
 def _json_lines(path: Path) -> list[Any]:
     """JSON Lines with the row number of any malformed line (a UTF-8 BOM is accepted)."""
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         row = raw[: e.start].count(b"\n") + 1
         raise io.InputError(f"{path}: row {row}: not valid UTF-8 (byte {e.start})") from e

@@ -40,7 +40,8 @@ def test_each_bundled_sample_is_detected_and_read_whole(sample):
     name, items, dropped = _load(FORMATS_DIR / sample)
     assert name == SAMPLES[sample]
     assert len(items) == 20 and dropped == {}
-    io.check_rows(sample, items, formats.FORMATS[name].kind)
+    kind = formats.FORMATS[name].kind
+    io.check_rows(sample, items, "chat" if kind == "prompts" else kind)  # prepare adds task and verifier
 
 
 def test_every_format_has_a_bundled_sample():
@@ -99,7 +100,7 @@ BAD = [  # (file name, content, None = detect / a format name, error message)
     ("p.jsonl", json.dumps({"prompt": "a", "chosen": 3, "rejected": "b"}), None,
      r"row 1: field 'chosen': expected a string, got int \(format preference\)"),
     ("p.jsonl", json.dumps({"prompt": "a", "chosen": "b"}), "preference", r"row 1: field 'rejected': missing"),
-    ("p.jsonl", json.dumps({"prompt": [U], "chosen": [U], "rejected": [A]}), None,
+    ("p.jsonl", json.dumps({"prompt": [U], "chosen": [U], "rejected": [A]}), "preference_conversational",
      r"row 1: field 'chosen': expected exactly one assistant message, got roles \['user'\]"),
     ("p.jsonl", json.dumps({"prompt": [{"role": "user"}], "chosen": [A], "rejected": [A]}), None,
      r"row 1: field 'prompt': message 0: expected \{'role': str, 'content': str\}"),
