@@ -173,17 +173,23 @@ def test_a_utf8_bom_is_accepted(tmp_path):
 # --- prepare from user data and from reasoning-gym --------------------------------------------------------------
 
 
-def _prepare(tmp_path, **block):
-    params = tiny_params(tmp_path, prepare=block)
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    """One MLflow store for every prepare run here: creating a fresh SQLite store costs seconds each time."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _prepare(tmp_path, mlflow_db, **block):
+    params = tiny_params(tmp_path, prepare=block, common={"mlflow_uri": mlflow_db})
     prepare.main(["--params", str(params), "--out", str(tmp_path / "out")])
     out = tmp_path / "out"
     return json.loads((out / "stats.json").read_text()), {
         f.name: [json.loads(x) for x in f.read_text().splitlines()] for f in out.glob("*.jsonl")}
 
 
-def test_prepare_dataset_mode_splits_the_pairs(tmp_path):
-    stats, files = _prepare(tmp_path, source=str(FORMATS_DIR / "preference_implicit.jsonl"), pairs="dataset",
-                            n_eval=5, n_train=10, n_sft=4)
+def test_prepare_dataset_mode_splits_the_pairs(tmp_path, mlflow_db):
+    stats, files = _prepare(tmp_path, mlflow_db, source=str(FORMATS_DIR / "preference_implicit.jsonl"),
+                            pairs="dataset", n_eval=5, n_train=10, n_sft=4)
     assert (stats["format"], stats["n_prefs"], stats["n_heldout_prefs"], stats["n_sft"]) == (
         "preference_implicit", 10, 5, 4)
     assert files["rm_prefs.jsonl"] == files["prefs.jsonl"]
@@ -195,9 +201,9 @@ def test_prepare_dataset_mode_splits_the_pairs(tmp_path):
     assert files["prefs.jsonl"][0]["chosen_score"] == 8.0
 
 
-def test_prepare_on_policy_from_prompts_takes_demos_from_sft_source(tmp_path):
-    stats, files = _prepare(tmp_path, source=str(FORMATS_DIR / "prompt_only.jsonl"), n_eval=4, n_train=8, n_sft=20,
-                            sft_source=str(FORMATS_DIR / "messages.jsonl"))
+def test_prepare_on_policy_from_prompts_takes_demos_from_sft_source(tmp_path, mlflow_db):
+    stats, files = _prepare(tmp_path, mlflow_db, source=str(FORMATS_DIR / "prompt_only.jsonl"), n_eval=4, n_train=8,
+                            n_sft=20, sft_source=str(FORMATS_DIR / "messages.jsonl"))
     assert (stats["format"], stats["sft_format"], stats["n_train"], stats["n_prefs"]) == (
         "prompt_only", "messages", 8, 0)
     assert stats["sft_dropped"] == {"eval_prompt": 4}  # a demo on a held-out prompt would leak it into training
@@ -217,18 +223,18 @@ PREPARE_ERRORS = [
 
 
 @pytest.mark.parametrize(("block", "message"), PREPARE_ERRORS, ids=[m for _, m in PREPARE_ERRORS])
-def test_prepare_refuses_data_that_leaves_nothing_to_train_on(tmp_path, block, message):
+def test_prepare_refuses_data_that_leaves_nothing_to_train_on(tmp_path, mlflow_db, block, message):
     if block["source"] == "CHAT":  # the issue's case: chat rows with no assistant turn once exited 0
         (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": [U | {"content": f"q{i}"}]}) + "\n"
                                                      for i in range(2)))
         block = block | {"source": str(tmp_path / "chat.jsonl")}
     with pytest.raises(SystemExit, match=message):
-        _prepare(tmp_path, **block)
+        _prepare(tmp_path, mlflow_db, **block)
     assert not (tmp_path / "out").exists()
 
 
-def test_prepare_from_reasoning_gym(tmp_path):
-    stats, files = _prepare(tmp_path, source="reasoning_gym", n_eval=4, n_train=6, n_sft=5, n_rm=3,
+def test_prepare_from_reasoning_gym(tmp_path, mlflow_db):
+    stats, files = _prepare(tmp_path, mlflow_db, source="reasoning_gym", n_eval=4, n_train=6, n_sft=5, n_rm=3,
                             reasoning_gym={"chain_sum": {"size": 20, "config": {"min_terms": 2, "max_terms": 2}}})
     assert (stats["n_eval"], stats["n_train"], stats["n_sft"], stats["n_rm"]) == (4, 6, 5, 3)
     texts = [r["messages"][0]["content"] for name in ("train.jsonl", "eval.jsonl", "sft.jsonl") for r in files[name]]
