@@ -225,9 +225,10 @@ def _prompt_row(item: dict, messages: list[dict]) -> dict:
     return {"id": item["id"], "task": "external", "messages": messages, "verifier": None}
 
 
-def external(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], list[dict], list[dict], dict]:
-    """A user's data set (posttrain.formats): prompts with no verifier, SFT demos and, from preference data,
-    pairs. Returns train, eval, sft and the pairs (empty unless the source holds pairs) and the stats."""
+def external(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], list[dict], list[dict], list[dict],
+                                                         dict]:
+    """A user's data set (posttrain.formats): prompts with no verifier, SFT demos and, from preference data, pairs.
+    Returns train, eval, sft, the train and the held-out pairs (both empty unless the source holds pairs), stats."""
     name, items, dropped = _read(params.source, params.format, params)
     kind = formats.FORMATS[name].kind
     if params.pairs == "dataset" and kind != "prefs":
@@ -261,9 +262,7 @@ def external(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], 
     if not sft:
         raise io.InputError(f"{params.sft_source or params.source}: no SFT demonstrations ({name} gives none): set "
                             "prepare.sft_source to a messages or prompt_completion data set")
-    return train, eval_rows, sft, pairs, stats | {
-        "heldout": [{k: r[k] for k in ("id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score")}
-                    for r in eval_items] if kind == "prefs" else []}
+    return train, eval_rows, sft, pairs, eval_items if kind == "prefs" else [], stats
 
 
 def run(common, params: PrepareParams, args) -> dict:
@@ -276,11 +275,10 @@ def run(common, params: PrepareParams, args) -> dict:
     elif params.source == "reasoning_gym":
         train, eval_rows, sft, rm, stats = from_reasoning_gym(params, common.seed)
     else:
-        train, eval_rows, sft, pairs, stats = external(params, common.seed)
-        heldout = stats.pop("heldout")
+        train, eval_rows, sft, pairs, held, stats = external(params, common.seed)
         rm = pairs  # the user's pairs train the reward model in either mode (label.judge: reward_model uses it)
         if params.pairs == "dataset":
-            prefs = pairs
+            prefs, heldout = pairs, held
     stats |= {"source": params.source, "pairs": params.pairs, "n_train": len(train), "n_eval": len(eval_rows),
               "n_sft": len(sft), "n_rm": len(rm), "n_prefs": len(prefs), "n_heldout_prefs": len(heldout)}
     stats.setdefault("format", params.source)
@@ -292,7 +290,7 @@ def run(common, params: PrepareParams, args) -> dict:
         io.write_jsonl(tmp / "eval.jsonl", eval_rows)
         io.write_jsonl(tmp / "sft.jsonl", sft)
         io.write_jsonl(tmp / "prefs.jsonl", prefs)
-        io.write_jsonl(tmp / "heldout_prefs.jsonl", heldout if params.pairs == "dataset" else [])
+        io.write_jsonl(tmp / "heldout_prefs.jsonl", heldout)
         io.write_json(tmp / "stats.json", stats)
     return {k: v for k, v in stats.items() if k.startswith("n_")} | {
         f"dropped_{k}": v for k, v in stats["dropped"].items()}
