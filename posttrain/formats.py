@@ -12,7 +12,8 @@ naming file, row and field) or `Drop` (a legal but useless row: dropped and coun
 - kind `prefs` (`prompt` messages, `chosen`, `rejected` strings, `chosen_score`, `rejected_score` or null):
   `preference` (`prompt`, `chosen`, `rejected` strings), `preference_conversational` (`prompt` a message list,
   `chosen`/`rejected` lists of assistant messages), `preference_implicit` (`chosen`/`rejected` whole
-  conversations sharing the prompt as a prefix: how HH-RLHF and UltraFeedback-binarized store them). TRL's
+  conversations sharing the prompt as a prefix: how UltraFeedback-binarized stores them, and HH-RLHF, whose
+  "\n\nHuman: ... \n\nAssistant: ..." transcript strings are read as conversations). TRL's
   `score_chosen`/`score_rejected` columns are kept as `chosen_score`/`rejected_score`.
 - kind `sft` (`messages` ending with the assistant turn to learn): `messages`, `prompt_completion` (`prompt` and
   `completion` strings, or message lists).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +41,8 @@ from posttrain import config, io
 ROLES = ("system", "user", "assistant")
 Pairs = Literal["on_policy", "dataset"]
 """Where preference pairs come from (`prepare.pairs`): sampled from the SFT policy and judged, or the data set's."""
+HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant: "
+"""The turn markers of Anthropic's HH-RLHF transcripts."""
 LOCAL = (".jsonl", ".json", ".parquet", ".csv")
 """File types read from a local path; any other source is a saved `datasets` folder or a hub id."""
 
@@ -133,6 +137,8 @@ def detect(rows: list[dict], source: str) -> str:
             implicit = first["chosen"] and isinstance(first["chosen"][0], dict) and \
                 first["chosen"][0].get("role") != "assistant"
             return "preference_implicit" if implicit or "prompt" not in cols else "preference_conversational"
+        if "prompt" not in cols and isinstance(first["chosen"], str) and HUMAN in first["chosen"]:
+            return "preference_implicit"  # Anthropic's HH-RLHF as published: transcripts in one string
         return "preference"
     if "messages" in cols:
         return "messages"
@@ -237,9 +243,20 @@ def preference_conversational(row: dict) -> dict:
     return _pair(_prompt(row), _reply(row, "chosen"), _reply(row, "rejected"), row)
 
 
+def _transcript(row: dict, name: str) -> list[dict]:
+    """HH-RLHF's "\n\nHuman: ...\n\nAssistant: ..." string as messages."""
+    parts = re.split(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})", _text(row, name))
+    if parts[0].strip() or len(parts) < 3:
+        raise Bad(name, f"expected a transcript of {HUMAN!r} / {ASSISTANT!r} turns, got {parts[0][:60]!r}")
+    return [{"role": "user" if tag == HUMAN else "assistant", "content": text.strip()}
+            for tag, text in zip(parts[1::2], parts[2::2], strict=True)]
+
+
 def preference_implicit(row: dict) -> dict:
-    """{"chosen": [user, assistant(good)], "rejected": [user, assistant(bad)]}: the prompt is the shared prefix."""
-    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    """{"chosen": [user, assistant(good)], "rejected": [user, assistant(bad)]}: the prompt is the shared prefix.
+    HH-RLHF's transcript strings ("\n\nHuman: ...\n\nAssistant: ...") are read as the same conversations."""
+    chosen, rejected = ((_transcript(row, k) if isinstance(row.get(k), str) else _messages(row, k))
+                        for k in ("chosen", "rejected"))
     prompt, good = _split_conversation(chosen)
     other, bad = _split_conversation(rejected)
     if prompt != other:

@@ -16,6 +16,7 @@ SAMPLES = {  # bundled sample -> the format detected from its columns
     "preference.csv": "preference",
     "preference_conversational.jsonl": "preference_conversational",
     "preference_implicit.jsonl": "preference_implicit",
+    "preference_implicit_hh.jsonl": "preference_implicit",  # HH-RLHF's transcript strings
     "messages.jsonl": "messages",
     "prompt_completion.jsonl": "prompt_completion",
     "prompt_completion.json": "prompt_completion",
@@ -57,6 +58,7 @@ def test_the_three_preference_formats_give_the_same_pairs():
     # UltraFeedback's score columns are kept; everything else is the same pair
     assert {(r["chosen_score"], r["rejected_score"]) for r in implicit} == {(8.0, 3.0)}
     assert [r | {"chosen_score": None, "rejected_score": None} for r in implicit] == want
+    assert _load(FORMATS_DIR / "preference_implicit_hh.jsonl")[1] == want
 
 
 def test_sft_formats_give_the_same_demos_and_prompt_only_their_prompts():
@@ -115,6 +117,8 @@ BAD = [  # (file name, content, None = detect / a format name, error message)
     ("p.jsonl", "\n\n", None, r"p.jsonl: empty: no rows"),
     ("p.csv", "prompt,chosen,rejected\nFine?,Yes.,No.\nOk?,,No.\n", None, r"p.csv: row 2: field 'chosen': missing"),
     ("p.txt", "prompt\n", None, r"could not be read"),
+    ("hh.jsonl", json.dumps({"chosen": "Paris.", "rejected": "London."}), "preference_implicit",
+     r"row 1: field 'chosen': expected a transcript of '\\n\\nHuman: ' / '\\n\\nAssistant: ' turns, got 'Paris.'"),
 ]
 
 
