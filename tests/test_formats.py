@@ -248,3 +248,43 @@ def test_prepare_from_reasoning_gym(tmp_path, mlflow_db):
     # each demo is its entry's reference answer; each reward pair's rejected answer is another entry's
     assert all(tasks.score(d["verifier"], d["messages"][-1]["content"]) == 1.0 for d in files["sft.jsonl"])
     assert all(p["chosen_score"] == 1.0 > p["rejected_score"] for p in files["rm_prefs.jsonl"])
+
+
+# --- evaluate with no verifier: held-out pairs --------------------------------------------------------------------
+
+
+def test_heldout_pair_metrics_equal_a_plain_forward(workdir):
+    """evaluate's held-out perplexities and preference accuracy, recomputed from one full-sequence forward per
+    response (log-probs of the response tokens after the templated prompt)."""
+    import math
+
+    import torch
+
+    from posttrain import modeling
+    from stages import evaluate
+
+    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+    model = modeling.load_chain(workdir / "models/base", torch.device("cpu"))
+    pairs = _load(FORMATS_DIR / "preference.jsonl")[1][:5]
+    got = evaluate.heldout_pairs(model, tok, pairs, max_len=96, batch_size=2, source="heldout_prefs.jsonl")
+    totals, counts, wins = {"chosen": 0.0, "rejected": 0.0}, {"chosen": 0, "rejected": 0}, 0
+    for pair in pairs:
+        prompt = tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+        means = {}
+        for side in ("chosen", "rejected"):
+            full = tok.apply_chat_template(pair["prompt"] + [{"role": "assistant", "content": pair[side]}],
+                                           tokenize=True, return_dict=True)["input_ids"]
+            assert full[: len(prompt)] == prompt
+            with torch.no_grad():
+                logits = model(torch.tensor([full])).logits[0].float()
+            target = torch.tensor(full[len(prompt):])
+            logps = logits[len(prompt) - 1 : -1].log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+            totals[side] += float(logps.sum())
+            counts[side] += len(target)
+            means[side] = float(logps.mean())
+        wins += means["chosen"] > means["rejected"]
+    assert got["heldout_pairs"] == 5
+    for side in ("chosen", "rejected"):
+        assert got[f"heldout_{side}_ppl"] == pytest.approx(math.exp(-totals[side] / counts[side]), rel=1e-4)
+    assert got["heldout_pref_accuracy"] == wins / 5
