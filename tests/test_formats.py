@@ -288,3 +288,30 @@ def test_heldout_pair_metrics_equal_a_plain_forward(workdir):
     for side in ("chosen", "rejected"):
         assert got[f"heldout_{side}_ppl"] == pytest.approx(math.exp(-totals[side] / counts[side]), rel=1e-4)
     assert got["heldout_pref_accuracy"] == wins / 5
+
+
+@pytest.mark.parametrize("heldout", [True, False], ids=["heldout-pairs", "prompts-only"])
+def test_report_without_verifiers_shows_what_was_measured(tmp_path, mlflow_db, heldout):
+    from stages import report
+
+    evals = tmp_path / "evals"
+    for name, ppl, acc, length in (("base", 20.0, 0.25, 3), ("sft", 22.0, 0.75, 5)):
+        io.write_jsonl(evals / name / "answers.jsonl", [
+            {"id": f"q{i}", "task": "external", "response": "x", "score": None, "passed": None, "length": length}
+            for i in range(4)])
+        held = {"heldout_pairs": 4, "heldout_pref_accuracy": acc, "heldout_chosen_ppl": 7.5,
+                "heldout_rejected_ppl": 9.0} if heldout else {}
+        io.write_json(evals / name / "metrics.json", {"general_ppl": ppl, "model": f"models/{name}"} | held)
+    params = tiny_params(tmp_path, common={"mlflow_uri": mlflow_db})
+    report.main(["--params", str(params), "--evals", str(evals), "--out", str(tmp_path / "reports")])
+    text = (tmp_path / "reports/report.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith(("| base", "| sft"))]
+    if heldout:
+        assert rows == ["| base | 0.250 | 7.50 | 9.00 | 3.0 | 20.00 | +0.0% |",
+                        "| sft | 0.750 | 7.50 | 9.00 | 5.0 | 22.00 | +10.0% |"]
+    else:
+        assert rows == ["| base | - | - | - | 3.0 | 20.00 | +0.0% |", "| sft | - | - | - | 5.0 | 22.00 | +10.0% |"]
+    assert "**Ship: none**" in text
+    table = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert "pass_rate" not in table["sft"] and table["sft"]["alignment_tax"] == pytest.approx(0.1)
+    assert (tmp_path / "reports/pareto.png").read_bytes()[:4] == b"\x89PNG"
