@@ -48,8 +48,8 @@ def _optional(check):
 
 
 def _samples(v: Any) -> str | None:
-    if not isinstance(v, list) or not v:
-        return "expected a non-empty list of strings"
+    if not isinstance(v, list):  # empty when nothing was sampled (prepare.pairs: dataset)
+        return "expected a list of strings"
     bad = [i for i, s in enumerate(v) if not isinstance(s, str)]
     return f"items {bad} are not strings" if bad else None
 
@@ -63,8 +63,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "samples": {"id": _nonempty_str, "messages": _is_messages, "verifier": _optional(_is(dict, "a mapping")),
                 "samples": _samples},
     "answers": {"id": _nonempty_str, "task": _is(str, "a string"), "response": _is(str, "a string"),
-                "score": _is((int, float), "a number"),
-                "passed": lambda v: None if isinstance(v, bool) else "expected a bool",
+                "score": _optional(_is((int, float), "a number")),  # null: the prompt has no gold verifier
+                "passed": lambda v: None if v is None or isinstance(v, bool) else "expected a bool or null",
                 "length": _is(int, "an integer")},
     "prefs": {"id": _nonempty_str, "prompt": _is_messages, "chosen": _nonempty_str, "rejected": _nonempty_str},
 }

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from posttrain import reasoning_gym
+
 TOPICS = ["the sea", "a cat", "the moon", "coffee", "rain", "a library", "trains", "winter", "a garden", "music"]
 WORDS = ["apple", "river", "planet", "guitar", "silver", "forest", "window", "candle", "rocket", "pencil"]
 CATEGORIES = {
@@ -258,6 +260,7 @@ VERIFIERS: dict[str, Callable[[dict, str], float]] = {
     "json_keys": _score_json_keys,
     "list_n": _score_list_n,
     "include": _score_include,
+    reasoning_gym.TYPE: reasoning_gym.score,
 }
 
 

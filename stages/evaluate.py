@@ -1,13 +1,20 @@
-"""evaluate: greedy answers of one model on the held-out prompts, scored by the gold verifiers.
+"""evaluate: greedy answers of one model on the held-out prompts, scored by the gold verifiers where they exist.
 
     dvc repro evaluate                 # every model in evaluate.models
     python -m stages.evaluate --name sft --model models/sft --prompts data/prepare/eval.jsonl \
-        --general posttrain/data/general.txt --out reports/evaluate/sft
+        --heldout data/prepare/heldout_prefs.jsonl --general posttrain/data/general.txt --out reports/evaluate/sft
 
 One DVC stage per model (`foreach` over `evaluate.models`), so a new DPO variant is evaluated without re-running
-the others. Writes `answers.jsonl` (id, task, response, score, passed) and `metrics.json`: gold pass rate (score
-1.0), mean gold score and response length, each with a 95% bootstrap interval. Win rates against a reference model
-are computed from these answers by `report`.
+the others. Writes `answers.jsonl` (id, task, response, score, passed, length) and `metrics.json`: gold pass rate
+(score 1.0) and mean gold score over the prompts that have a verifier (`n_gold` of them), and the response length
+over all, each with a 95% bootstrap interval. A prompt with no verifier (a user's data set) gets its response and
+length recorded with `score` and `passed` null: no gold metric is made up for it. Win rates against a reference
+model are computed from these answers by `report`.
+
+Held-out preference pairs (`--heldout`, prepare's heldout_prefs.jsonl; empty unless `prepare.pairs: dataset`):
+`heldout_chosen_ppl` and `heldout_rejected_ppl`, the model's perplexity of the chosen / rejected responses given
+their prompts, and `heldout_pref_accuracy`, the share of pairs whose chosen response has the higher mean per-token
+log-prob. They measure a model with no verifier; pairs too long for `common.max_len` are dropped and counted.
 
 The alignment tax: `general_ppl`, the model's perplexity on a small general-English text shipped with the repo
 (`posttrain/data/general.txt`, ~4 KB of self-written prose on nothing the tasks ask), in non-overlapping windows of
@@ -25,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import cli, io, modeling, sampling, stats, tasks
+from posttrain import cli, io, modeling, preference, sampling, stats, tasks
 
 GENERAL_TEXT = Path(__file__).resolve().parents[1] / "posttrain" / "data" / "general.txt"
 
@@ -64,12 +71,23 @@ def perplexity(model, tok, text: str, window: int) -> tuple[float, int]:
     return math.exp(nll / n), n
 
 
+def heldout_pairs(model, tok, pairs: list[dict], max_len: int, batch_size: int, source: str) -> dict:
+    """Perplexity of the chosen and the rejected responses of held-out pairs, and how often the chosen one has the
+    higher mean per-token log-prob."""
+    rows, dropped = preference.encoded_rows(tok, pairs, max_len, source)
+    logps = preference.completion_logps(model, tok, rows, batch_size)
+    out: dict = {"heldout_pairs": len(rows)} | {f"heldout_dropped_{k}": v for k, v in dropped.items()}
+    for side in ("chosen", "rejected"):
+        n = sum(len(r[side]) for r in logps)
+        out[f"heldout_{side}_ppl"] = math.exp(-sum(sum(r[side]) for r in logps) / n)
+    wins = [sum(r["chosen"]) / len(r["chosen"]) > sum(r["rejected"]) / len(r["rejected"]) for r in logps]
+    return out | {"heldout_pref_accuracy": sum(wins) / len(wins)}
+
+
 def run(common, params: EvaluateParams, args) -> dict:
     prompts = io.read_jsonl(args.prompts, "prompts")
-    missing = [i for i, p in enumerate(prompts, start=1) if p["verifier"] is None]
-    if missing:
-        raise io.InputError(f"{args.prompts}: row {missing[0]}: field 'verifier': null; evaluation needs gold "
-                            "verifiers")
+    heldout = args.heldout and Path(args.heldout).is_file() and Path(args.heldout).read_text(encoding="utf-8").strip()
+    pairs = io.read_jsonl(args.heldout, "prefs") if heldout else []
     text = Path(args.general).read_text(encoding="utf-8") if Path(args.general).is_file() else ""
     if not text.strip():
         raise io.InputError(f"{args.general}: missing or empty: no general text to score the alignment tax on")
@@ -83,12 +101,19 @@ def run(common, params: EvaluateParams, args) -> dict:
                                    seed=common.seed)
     answers = []
     for p, (r,) in zip(prompts, responses, strict=True):
-        s = tasks.score(p["verifier"], r)
-        answers.append({"id": p["id"], "task": p["task"], "response": r, "score": s, "passed": s == 1.0,
+        s = None if p["verifier"] is None else tasks.score(p["verifier"], r)
+        answers.append({"id": p["id"], "task": p["task"], "response": r, "score": s,
+                        "passed": None if s is None else s == 1.0,
                         "length": len(tok(r, add_special_tokens=False).input_ids)})
     ppl, n_tokens = perplexity(model, tok, text, params.general_window)
-    metrics = stats.summarise(answers, params.n_bootstrap, common.seed) | {
+    gold = [a for a in answers if a["score"] is not None]
+    lengths = [a["length"] for a in answers]
+    metrics = (stats.summarise(gold, params.n_bootstrap, common.seed) if gold else {}) | {
+        "n": len(answers), "n_gold": len(gold), "mean_length": sum(lengths) / len(lengths),
+        "mean_length_ci": stats.bootstrap_ci(lengths, params.n_bootstrap, common.seed),
         "general_ppl": ppl, "general_tokens": n_tokens, "model": str(args.model)}
+    if pairs:
+        metrics |= heldout_pairs(model, tok, pairs, common.max_len, params.batch_size, args.heldout)
     merge_info = Path(args.model) / "merge.json"
     if merge_info.exists():
         metrics["merge"] = json.loads(merge_info.read_text())
@@ -108,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--name", required=True, help="the model's name in evaluate.models")
     p.add_argument("--model", required=True, help="checkpoint or adapter chain")
     p.add_argument("--prompts", required=True, help="held-out prompts (JSONL, schema `prompts`)")
+    p.add_argument("--heldout", help="held-out preference pairs (JSONL, schema `prefs`; empty or absent: none)")
     p.add_argument("--general", default=str(GENERAL_TEXT), help="plain text for the general-English perplexity "
                    "(default: the one shipped in posttrain/data)")
     p.add_argument("--out", required=True, help="output folder: answers.jsonl, metrics.json")

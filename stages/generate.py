@@ -4,7 +4,9 @@
     python -m stages.generate --model models/sft --prompts data/prepare/train.jsonl --out data/generate/samples.jsonl
 
 HF `generate` (batched, KV cache) on CPU; vLLM when installed and a GPU is present (`generate.backend`). Both
-write the same rows: the prompt row plus `samples`, a list of N response strings.
+write the same rows: the prompt row plus `samples`, a list of N response strings. With `prepare.pairs: dataset`
+the pairs are the data set's own: nothing is sampled, each prompt row is written with `samples: []` and the
+metrics say `passed_through: 1`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain import cli, io, modeling, sampling
+from posttrain import cli, formats, io, modeling, sampling
 
 
 @dataclass
@@ -38,6 +40,10 @@ class GenerateParams:
 
 def run(common, params: GenerateParams, args) -> dict:
     prompts = io.read_jsonl(args.prompts, "prompts")
+    if formats.pairs_mode(args.params) == "dataset":
+        io.write_jsonl(args.out, [p | {"samples": []} for p in prompts])
+        print("generate: prepare.pairs is 'dataset': the data set's pairs are used, nothing sampled")
+        return {"prompts": len(prompts), "samples": 0, "passed_through": 1}
     device = modeling.device_for(common.device)
     base, _ = modeling.model_chain(args.model)
     tok = modeling.load_tokenizer(base)

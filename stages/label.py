@@ -11,6 +11,9 @@ prefers the best with probability sigma(r_best - r_worst) >= `label.min_prob`. D
 `stats.json`: prompts whose samples all tie (or differ by less than the gap), pairs whose two texts are equal,
 empty responses, and repeated prompts. With the reward model as judge, `stats.json` also gives `gold_agreement`:
 the share of kept pairs whose chosen response the gold verifier also scores higher (where verifiers exist).
+
+With `prepare.pairs: dataset` nothing is judged: the data set's train pairs (`--pairs`, prepare's prefs.jsonl) are
+copied to `prefs.jsonl` (judge `dataset` in stats.json; prepare counted their drops) and the samples are not read.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain import cli, io, tasks
+from posttrain import cli, formats, io, tasks
 
 
 @dataclass
@@ -94,6 +97,15 @@ def make_pairs(rows: list[dict], scores: list[list[float]], gap: float) -> tuple
 
 
 def run(common, params: LabelParams, args) -> dict:
+    if formats.pairs_mode(args.params) == "dataset":
+        if not args.pairs:
+            raise io.InputError("label: prepare.pairs is 'dataset' but no --pairs file (prepare's prefs.jsonl) given")
+        pairs = io.read_jsonl(args.pairs, "prefs")
+        stats = {"judge": "dataset", "prompts": len(pairs), "pairs": len(pairs), "dropped": {}}
+        with io.atomic_dir(args.out) as tmp:
+            io.write_jsonl(tmp / "prefs.jsonl", pairs)
+            io.write_json(tmp / "stats.json", stats)
+        return {"pairs": len(pairs), "passed_through": 1}
     rows = io.read_jsonl(args.samples, "samples")
     if params.judge == "verifier":
         scores = verifier_scores(rows, args.samples)
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(__doc__)
     p.add_argument("--samples", required=True, help="sampled responses (JSONL, schema `samples`)")
     p.add_argument("--reward-model", default="models/reward_model", help="reward_model stage output (judge)")
+    p.add_argument("--pairs", help="prepare's train pairs (prefs.jsonl), copied when prepare.pairs is 'dataset'")
     p.add_argument("--out", required=True, help="output folder: prefs.jsonl, stats.json")
     return cli.execute("label", LabelParams, p.parse_args(argv), run)
 

@@ -13,6 +13,13 @@ endpoint at alpha 0 to the aligned model at alpha 1) as a line, every other merg
 `report.md` names the model to ship by the rule: the highest gold pass rate among models whose general-text
 perplexity is at most `ship_max_ppl_increase` above the reference model's (ties: higher mean score, then lower
 perplexity).
+
+With no gold verifier (a user's preference data set, `prepare.pairs: dataset`) there is no pass rate to rank by:
+the table shows what `evaluate` measured instead (held-out chosen / rejected perplexity, the share of held-out pairs
+whose chosen response the model prefers, mean response length, general perplexity and the alignment tax),
+`scores.png` plots held-out preference accuracy and chosen perplexity, `pareto.png` puts each model at (alignment
+tax, held-out preference accuracy), and no model is shipped by rule. `--prepare-stats` adds the data set's format
+and the rows prepare dropped, by reason.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ def _fmt(v: float, ci) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+HELDOUT = ("heldout_pref_accuracy", "heldout_chosen_ppl", "heldout_rejected_ppl", "heldout_pairs")
+"""evaluate's measures on held-out preference pairs: what the table shows when there is no gold verifier."""
+
+
 def build(evals: Path, reference: str, n_boot: int, seed: int) -> dict[str, dict]:
     answers = {d.name: io.read_jsonl(d / "answers.jsonl", "answers") for d in sorted(evals.iterdir())
                if (d / "answers.jsonl").exists()}
@@ -56,14 +67,19 @@ def build(evals: Path, reference: str, n_boot: int, seed: int) -> dict[str, dict
         ids = [a["id"] for a in rows]
         if set(ids) != set(ref):
             raise io.InputError(f"{evals / name / 'answers.jsonl'}: prompt ids differ from {reference!r}'s")
-        wins = stats.win_values([a["score"] for a in rows], [ref[i] for i in ids])
-        table[name] = stats.summarise(rows, n_boot, seed) | {
-            f"win_rate_vs_{reference}": sum(wins) / len(rows),
-            f"win_rate_vs_{reference}_ci": stats.bootstrap_ci(wins, n_boot, seed)}
+        gold = [a for a in rows if a["score"] is not None]  # prompts with a verifier (none for a user's data set)
+        lengths = [a["length"] for a in rows]
+        table[name] = {"n": len(rows), "n_gold": len(gold), "mean_length": sum(lengths) / len(lengths)}
+        if gold:
+            wins = stats.win_values([a["score"] for a in gold], [ref[a["id"]] for a in gold])
+            table[name] |= stats.summarise(gold, n_boot, seed) | {
+                "n": len(rows), "mean_length": sum(lengths) / len(lengths),
+                f"win_rate_vs_{reference}": sum(wins) / len(gold),
+                f"win_rate_vs_{reference}_ci": stats.bootstrap_ci(wins, n_boot, seed)}
         metrics = evals / name / "metrics.json"
-        if metrics.exists():  # what evaluate measured beyond the answers: general_ppl, the model, its merge
+        if metrics.exists():  # what evaluate measured beyond the answers: general_ppl, held-out pairs, the model
             m = json.loads(metrics.read_text())
-            table[name] |= {k: m[k] for k in ("general_ppl", "model", "merge") if k in m}
+            table[name] |= {k: m[k] for k in ("general_ppl", "model", "merge", *HELDOUT) if k in m}
     return table
 
 
@@ -81,7 +97,7 @@ def add_tax(table: dict[str, dict], tax_reference: str, evals: Path) -> None:
 def ship(table: dict[str, dict], reference: str, max_increase: float) -> str | None:
     """The highest pass rate among models with general_ppl <= (1 + max_increase) x the reference's."""
     limit = table[reference].get("general_ppl", float("nan")) * (1 + max_increase)
-    eligible = [n for n, r in table.items() if r.get("general_ppl", float("inf")) <= limit]
+    eligible = [n for n, r in table.items() if r.get("general_ppl", float("inf")) <= limit and "pass_rate" in r]
     return max(eligible, key=lambda n: (table[n]["pass_rate"], table[n]["mean_score"], -table[n]["general_ppl"]),
                default=None)
 
@@ -106,15 +122,15 @@ def wise_lines(table: dict[str, dict]) -> list[list[str]]:
 
 
 def pareto_plot(table: dict[str, dict], names: list[str], tax_reference: str, shipped: str | None,
-                path: Path) -> None:
+                path: Path, y_key: str = "pass_rate") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in names if "alignment_tax" in table[n]]
+    names = [n for n in names if "alignment_tax" in table[n] and y_key in table[n]]
     x = {n: 100 * table[n]["alignment_tax"] for n in names}
-    y = {n: table[n]["pass_rate"] for n in names}
+    y = {n: table[n][y_key] for n in names}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     on_line = set()
     for line in wise_lines({n: table[n] for n in names}):
@@ -124,8 +140,9 @@ def pareto_plot(table: dict[str, dict], names: list[str], tax_reference: str, sh
     methods: dict[str, str] = {}
     for n in names:
         m = table[n].get("merge")
-        err = [[y[n] - table[n]["pass_rate_ci"][0]], [table[n]["pass_rate_ci"][1] - y[n]]]
-        ax.errorbar(x[n], y[n], yerr=err, fmt="none", ecolor="#bbbbbb", capsize=3, zorder=1)
+        if f"{y_key}_ci" in table[n]:
+            err = [[y[n] - table[n][f"{y_key}_ci"][0]], [table[n][f"{y_key}_ci"][1] - y[n]]]
+            ax.errorbar(x[n], y[n], yerr=err, fmt="none", ecolor="#bbbbbb", capsize=3, zorder=1)
         if m and n not in on_line:
             marker = methods.setdefault(m["method"], next(markers, "o"))
             ax.plot(x[n], y[n], marker, color="#dd8452", markersize=8, label=f"{m['method']} merge")
@@ -137,29 +154,36 @@ def pareto_plot(table: dict[str, dict], names: list[str], tax_reference: str, sh
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
     ax.set_xlabel(f"alignment tax: general-text perplexity vs {tax_reference} (%)")
-    ax.set_ylabel("gold pass rate (95% CI)")
-    ax.set_title("pass rate against alignment tax")
+    label = "gold pass rate (95% CI)" if y_key == "pass_rate" else y_key.replace("_", " ")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label.split(' (')[0]} against alignment tax")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
 
 
-def plot(table: dict[str, dict], names: list[str], reference: str, path: Path) -> None:
+def plot(table: dict[str, dict], names: list[str], panels: list[tuple[str, str]], path: Path) -> None:
+    """One bar chart per (key, title) panel over `names`, with the 95% interval where the table has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.4 * len(names) * 2), 3.6))
-    for ax, key, title in ((axes[0], "pass_rate", "gold pass rate"),
-                           (axes[1], f"win_rate_vs_{reference}", f"win rate vs {reference}")):
-        vals = [table[n][key] for n in names]
-        lo = [v - table[n][f"{key}_ci"][0] for n, v in zip(names, vals, strict=True)]
-        hi = [table[n][f"{key}_ci"][1] - v for n, v in zip(names, vals, strict=True)]
-        ax.bar(names, vals, yerr=[lo, hi], capsize=4, color="#4c72b0")
-        ax.set_title(f"{title} (95% CI)")
-        ax.set_ylim(0, 1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.4 * len(names) * len(panels)), 3.6))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        shown = [n for n in names if key in table[n]]
+        vals = [table[n][key] for n in shown]
+        if all(f"{key}_ci" in table[n] for n in shown):
+            lo = [v - table[n][f"{key}_ci"][0] for n, v in zip(shown, vals, strict=True)]
+            hi = [table[n][f"{key}_ci"][1] - v for n, v in zip(shown, vals, strict=True)]
+            ax.bar(shown, vals, yerr=[lo, hi], capsize=4, color="#4c72b0")
+            title += " (95% CI)"
+        else:
+            ax.bar(shown, vals, color="#4c72b0")
+        ax.set_title(title)
+        if key.endswith(("rate", "accuracy")):
+            ax.set_ylim(0, 1)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -167,18 +191,12 @@ def plot(table: dict[str, dict], names: list[str], reference: str, path: Path) -
     tmp.replace(path)
 
 
-def run(common, params: ReportParams, args) -> dict:
-    evals, out = Path(args.evals), Path(args.out)
-    table = build(evals, params.reference, 1000, common.seed)
-    first = [n for n in (params.order or ["base", "sft"]) if n in table]
-    names = first + sorted(n for n in table if n not in first)
-    add_tax(table, params.tax_reference, evals)
-    shipped = ship(table, params.reference, params.ship_max_ppl_increase)
+def _gold_table(table: dict[str, dict], names: list[str], params: ReportParams, shipped: str | None) -> list[str]:
     wr = f"win_rate_vs_{params.reference}"
-    lines = ["# posttrain report", "", f"Gold verifiers on {table[names[0]]['n']} held-out prompts; 95% bootstrap "
-             f"intervals; win rate per prompt against `{params.reference}` (win 1 / tie 0.5 / loss 0). General ppl: "
-             "perplexity on a general-English text (`posttrain/data/general.txt`); alignment tax: that perplexity "
-             f"relative to `{params.tax_reference}`'s.", "",
+    lines = [f"Gold verifiers on {table[names[0]]['n_gold']} held-out prompts; 95% bootstrap intervals; win rate per "
+             f"prompt against `{params.reference}` (win 1 / tie 0.5 / loss 0). General ppl: perplexity on a "
+             "general-English text (`posttrain/data/general.txt`); alignment tax: that perplexity relative to "
+             f"`{params.tax_reference}`'s.", "",
              f"| model | pass rate | mean score | win rate vs {params.reference} | mean length | general ppl "
              f"| tax vs {params.tax_reference} |",
              "|---|---|---|---|---|---|---|"]
@@ -190,17 +208,76 @@ def run(common, params: ReportParams, args) -> dict:
     rule = (f"the highest gold pass rate among models whose general-text perplexity is at most "
             f"{100 * params.ship_max_ppl_increase:g}% above `{params.reference}`'s (ties: higher mean score, then "
             "lower perplexity)")
-    lines += ["", "![scores](scores.png)", "",
-              f"**Ship: {shipped or 'none'}**. Rule: {rule}. Pass-rate differences inside the intervals above are "
-              "not significant.", "", "![alignment tax](pareto.png)", ""]
-    if args.label_stats:
-        st = json.loads(Path(args.label_stats).read_text())
-        drops = ", ".join(f"{k}: {v}" for k, v in sorted(st["dropped"].items())) or "none"
-        lines += [f"Preference data: {st['prompts']} prompts sampled, {st['pairs']} pairs kept; dropped by rule "
-                  f"(see stages/label.py): {drops}.", ""]
+    return lines + ["", "![scores](scores.png)", "",
+                    f"**Ship: {shipped or 'none'}**. Rule: {rule}. Pass-rate differences inside the intervals above "
+                    "are not significant.", "", "![alignment tax](pareto.png)", ""]
+
+
+def _no_gold_table(table: dict[str, dict], names: list[str], params: ReportParams) -> list[str]:
+    def cell(r: dict, key: str, fmt: str) -> str:
+        return format(r[key], fmt) if key in r else "-"
+
+    n_pairs = next((table[n]["heldout_pairs"] for n in names if "heldout_pairs" in table[n]), 0)
+    lines = [f"No gold verifier on these {table[names[0]]['n']} held-out prompts (a user's data set): no pass rate, "
+             f"win rate or ship rule. On {n_pairs} held-out preference pairs: pref accuracy = share whose chosen "
+             "response the model gives the higher mean per-token log-prob; chosen / rejected ppl = the model's "
+             "perplexity of those responses. General ppl: perplexity on `posttrain/data/general.txt`; alignment "
+             f"tax: relative to `{params.tax_reference}`'s.", "",
+             f"| model | heldout pref accuracy | heldout chosen ppl | heldout rejected ppl | mean length "
+             f"| general ppl | tax vs {params.tax_reference} |",
+             "|---|---|---|---|---|---|---|"]
+    for n in names:
+        r = table[n]
+        tax = f"{100 * r['alignment_tax']:+.1f}%" if "alignment_tax" in r else "-"
+        lines.append(f"| {n} | {cell(r, 'heldout_pref_accuracy', '.3f')} | {cell(r, 'heldout_chosen_ppl', '.2f')} | "
+                     f"{cell(r, 'heldout_rejected_ppl', '.2f')} | {r['mean_length']:.1f} | "
+                     f"{cell(r, 'general_ppl', '.2f')} | {tax} |")
+    return lines + ["", "![scores](scores.png)", "", "**Ship: none** (no gold verifier to rank by).", "",
+                    "![alignment tax](pareto.png)", ""]
+
+
+def _data_lines(label_stats: str | None, prepare_stats: str | None) -> list[str]:
+    lines = []
+    if prepare_stats:
+        st = json.loads(Path(prepare_stats).read_text())
+        drops = ", ".join(f"{k}: {v}" for k, v in sorted(st.get("dropped", {}).items())) or "none"
+        lines += [f"Data: source `{st.get('source')}` (format {st.get('format')}, pairs {st.get('pairs')}); "
+                  f"{st['n_train']} train / {st['n_eval']} eval prompts, {st['n_sft']} SFT demos, {st['n_prefs']} "
+                  f"train / {st['n_heldout_prefs']} held-out pairs; rows dropped by prepare (see "
+                  f"posttrain/formats.py): {drops}.", ""]
+    if label_stats:
+        st = json.loads(Path(label_stats).read_text())
+        if st["judge"] == "dataset":
+            lines += [f"Preference data: the data set's own {st['pairs']} train pairs (prepare.pairs: dataset; "
+                      "nothing sampled or judged).", ""]
+        else:
+            drops = ", ".join(f"{k}: {v}" for k, v in sorted(st["dropped"].items())) or "none"
+            lines += [f"Preference data: {st['prompts']} prompts sampled, {st['pairs']} pairs kept; dropped by rule "
+                      f"(see stages/label.py): {drops}.", ""]
+    return lines
+
+
+def run(common, params: ReportParams, args) -> dict:
+    evals, out = Path(args.evals), Path(args.out)
+    table = build(evals, params.reference, 1000, common.seed)
+    first = [n for n in (params.order or ["base", "sft"]) if n in table]
+    names = first + sorted(n for n in table if n not in first)
+    add_tax(table, params.tax_reference, evals)
+    gold = "pass_rate" in table[params.reference]
+    shipped = ship(table, params.reference, params.ship_max_ppl_increase) if gold else None
+    lines = ["# posttrain report", ""]
+    lines += _gold_table(table, names, params, shipped) if gold else _no_gold_table(table, names, params)
+    lines += _data_lines(args.label_stats, args.prepare_stats)
     out.mkdir(parents=True, exist_ok=True)
-    plot(table, names, params.reference, out / "scores.png")
-    pareto_plot(table, names, params.tax_reference, shipped, out / "pareto.png")
+    wr = f"win_rate_vs_{params.reference}"
+    if gold:
+        panels = [("pass_rate", "gold pass rate"), (wr, f"win rate vs {params.reference}")]
+    elif "heldout_pref_accuracy" in table[params.reference]:
+        panels = [("heldout_pref_accuracy", "held-out pref accuracy"), ("heldout_chosen_ppl", "held-out chosen ppl")]
+    else:  # a user's prompts with neither verifiers nor held-out pairs: only lengths and perplexity were measured
+        panels = [("mean_length", "mean response length"), ("general_ppl", "general ppl")]
+    plot(table, names, panels, out / "scores.png")
+    pareto_plot(table, names, params.tax_reference, shipped, out / "pareto.png", panels[0][0])
     if shipped:
         import mlflow
 
@@ -216,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--evals", required=True, help="folder of evaluate outputs, one sub-folder per model")
     p.add_argument("--out", required=True, help="output folder for report.md, scores.png, metrics.json")
     p.add_argument("--label-stats", help="the label stage's stats.json, to report what was dropped and why")
+    p.add_argument("--prepare-stats", help="the prepare stage's stats.json: the data set's format and its drops")
     return cli.execute("report", ReportParams, p.parse_args(argv), run)
 
 

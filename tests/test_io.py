@@ -36,7 +36,7 @@ BAD = [
     ("prefs", _line(GOOD_PAIR | {"rejected": None}), r"row 1: field 'rejected': expected a string, got NoneType"),
     ("prefs", _line(GOOD_PAIR) + _line({k: v for k, v in GOOD_PAIR.items() if k != "prompt"}),
      r"row 2: field 'prompt': missing"),
-    ("samples", _line(GOOD_PROMPT | {"samples": []}), r"row 1: field 'samples': expected a non-empty list"),
+    ("samples", _line(GOOD_PROMPT | {"samples": "a"}), r"row 1: field 'samples': expected a list of strings"),
     ("samples", _line(GOOD_PROMPT | {"samples": ["a", 3]}), r"row 1: field 'samples': items \[1\] are not strings"),
     ("sft", _line({"id": "x", "messages": [{"role": "user", "content": 5}]}), r"row 1: field 'messages': message 0"),
     ("prompts", _line(GOOD_PROMPT) + b'{"id": "' + b"x" * 10_000_000 + b"\n", r"row 2: malformed JSON"),

@@ -80,8 +80,9 @@ def pipeline(workdir):
 
 def test_prepare_splits_are_disjoint_and_demos_correct(pipeline):
     d = pipeline["dir"] / "data/prepare"
-    assert sorted(f.name for f in d.iterdir()) == ["eval.jsonl", "rm_prefs.jsonl", "sft.jsonl", "stats.json",
-                                                   "train.jsonl"]
+    assert sorted(f.name for f in d.iterdir()) == ["eval.jsonl", "heldout_prefs.jsonl", "prefs.jsonl",
+                                                   "rm_prefs.jsonl", "sft.jsonl", "stats.json", "train.jsonl"]
+    assert (d / "prefs.jsonl").read_text() == (d / "heldout_prefs.jsonl").read_text() == ""  # on-policy pairs
     train, ev = io.read_jsonl(d / "train.jsonl", "prompts"), io.read_jsonl(d / "eval.jsonl", "prompts")
     demos = io.read_jsonl(d / "sft.jsonl", "sft")
     assert (len(train), len(ev), len(demos)) == (12, 10, 12)

@@ -7,6 +7,8 @@ import pytest
 
 from posttrain import tasks
 
+RG_SPEC = {"type": "reasoning_gym", "dataset": "chain_sum", "config": {"min_terms": 2, "max_terms": 2}, "seed": 0,
+           "size": 5, "index": 0, "answer": "-3579"}
 CASES = [
     # (spec, response, expected score) -- partial credit worked out in the comments
     ({"type": "number", "answer": 85}, "85", 1.0),
@@ -40,6 +42,8 @@ CASES = [
     ({"type": "chain_add", "operands": [55, 97, 23]}, "55 + 97 = 142\n142 + 23 = 165\nAnswer: 165", 0.5 * 2 / 3),
     ({"type": "mul_steps", "a": 47, "b": 36}, "47 * 6 = 282\n47 * 30 = 1410\n282 + 1410 = 1692\nAnswer: 1692", 1.0),
     ({"type": "mul_steps", "a": 47, "b": 36}, "1692", 0.0),  # the right number with no work: no step is there
+    (RG_SPEC, "-3579", 1.0),  # reasoning-gym chain_sum entry 0 of seed 0: 1663 - 5242; its score_answer is exact
+    (RG_SPEC, "-3578", 0.0),
 ]
 
 
