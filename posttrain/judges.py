@@ -82,21 +82,24 @@ class VerifierJudge:
 
         self.score = tasks.score
 
-    def _gold(self, row: dict, response: str) -> float:
-        if row.get("verifier") is None:
-            raise ValueError(f"prompt {row.get('id')!r} has no verifier: judge 'verifier' needs one "
-                             "(use judge 'reward_model' or 'llm' for data without gold answers)")
-        return self.score(row["verifier"], response)
+    def _gold(self, rows: list[dict], responses: list[list[str]]) -> list[list[float]]:
+        out = []
+        for i, (row, texts) in enumerate(zip(rows, responses, strict=True), start=1):
+            if row.get("verifier") is None:
+                raise ValueError(f"row {i}: field 'verifier': null: judge 'verifier' needs one (use judge "
+                                 "'reward_model' or 'llm' for data without gold answers)")
+            try:
+                out.append([self.score(row["verifier"], t) for t in texts])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"row {i}: field 'verifier': {e!r}") from e
+        return out
 
     def scores(self, rows: list[dict], samples: list[list[str]]) -> list[list[float]]:
-        return [[self._gold(r, s) for s in ss] for r, ss in zip(rows, samples, strict=True)]
+        return self._gold(rows, samples)
 
     def prefer(self, rows: list[dict], first: list[str], second: list[str]) -> list[float]:
-        out = []
-        for r, a, b in zip(rows, first, second, strict=True):
-            ga, gb = self._gold(r, a), self._gold(r, b)
-            out.append(1.0 if ga > gb else 0.5 if ga == gb else 0.0)
-        return out
+        gold = self._gold(rows, [[a, b] for a, b in zip(first, second, strict=True)])
+        return [1.0 if ga > gb else 0.5 if ga == gb else 0.0 for ga, gb in gold]
 
 
 class RewardModelJudge:
@@ -201,3 +204,11 @@ JUDGES: dict[str, Callable[..., VerifierJudge | RewardModelJudge | LlmJudge]] = 
     "reward_model": RewardModelJudge,
     "llm": LlmJudge,
 }
+
+
+def make(name: str, **context):
+    """The judge `name` of JUDGES. Every judge gets the same context (reward_model: its folder; device; max_len;
+    batch_size; llm: LlmJudgeParams; trust_remote_code) and takes what it needs."""
+    if name not in JUDGES:
+        raise ValueError(f"judge {name!r} is not one of {sorted(JUDGES)}")
+    return JUDGES[name](**context)

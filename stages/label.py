@@ -4,10 +4,13 @@
     python -m stages.label --samples data/generate/samples.jsonl --reward-model models/reward_model \
         --out data/label
 
-Per prompt, every sample is scored by the judge (`label.judge`): the gold `verifier` (default), or the
-`reward_model` stage's Bradley-Terry model, for data with no verifier. The best becomes `chosen` and the worst
-`rejected` when they differ by at least `label.margin` in verifier score, or, with the reward model, when it
-prefers the best with probability sigma(r_best - r_worst) >= `label.min_prob`. Dropped, and counted in
+Per prompt, every sample is scored by the judge `label.judge`, a key of posttrain.judges.JUDGES: the gold
+`verifier` (default); the `reward_model` stage's Bradley-Terry model; or an `llm` judge (`label.llm`: a local
+causal LM comparing the samples pairwise, both orders asked, each sample scored by its mean probability of beating
+the others). The best becomes `chosen` and the worst `rejected` when they differ by at least `label.margin` in
+verifier score; with the reward model, when it prefers the best with probability sigma(r_best - r_worst) >=
+`label.min_prob`; with the LLM judge, when their scores differ by at least 2 min_prob - 1 (for two samples: the
+judge prefers the best with probability >= min_prob). Dropped, and counted in
 `stats.json`: prompts whose samples all tie (or differ by less than the gap), pairs whose two texts are equal,
 empty responses, and repeated prompts. With the reward model as judge, `stats.json` also gives `gold_agreement`:
 the share of kept pairs whose chosen response the gold verifier also scores higher (where verifiers exist).
@@ -20,52 +23,36 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
-from posttrain import cli, formats, io, tasks
+from posttrain import cli, formats, io, judges, tasks
 
 
 @dataclass
 class LabelParams:
-    judge: Literal["verifier", "reward_model"] = "verifier"
-    """Who scores samples: 'verifier' = each prompt's gold verifier spec; 'reward_model' = the reward_model stage."""
+    judge: str = "verifier"
+    """A key of posttrain.judges.JUDGES: 'verifier' (each prompt's gold spec), 'reward_model' (the reward_model
+    stage), 'llm' (a local LM judge, `llm`)."""
     margin: float = 0.5
     """Verifier judge: minimum score gap between chosen and rejected; 0.5 keeps only clear wins."""
     min_prob: float = 0.75
-    """Reward-model judge: keep a pair when sigma(r_chosen - r_rejected) >= min_prob."""
+    """Reward-model and LLM judges: keep a pair the judge prefers with at least this probability."""
     batch_size: int = 32
+    llm: judges.LlmJudgeParams = field(default_factory=judges.LlmJudgeParams)
+    """The LLM judge (read only with judge: llm)."""
 
     def __post_init__(self) -> None:
+        if self.judge not in judges.JUDGES:
+            raise ValueError(f"judge {self.judge!r} is not one of {sorted(judges.JUDGES)}")
         if not 0 <= self.margin <= 1:
             raise ValueError(f"margin must be in [0, 1], got {self.margin}")
         if not 0.5 <= self.min_prob < 1:
             raise ValueError(f"min_prob must be in [0.5, 1), got {self.min_prob}")
 
     def gap(self) -> float:
-        """The score gap a pair needs, in the judge's units (a reward difference for the reward model)."""
-        return self.margin if self.judge == "verifier" else math.log(self.min_prob / (1 - self.min_prob))
-
-
-def verifier_scores(rows: list[dict], source: str) -> list[list[float]]:
-    out = []
-    for i, row in enumerate(rows, start=1):
-        if row["verifier"] is None:
-            raise io.InputError(f"{source}: row {i}: field 'verifier': null, but label.judge is 'verifier'")
-        try:
-            out.append([tasks.score(row["verifier"], s) for s in row["samples"]])
-        except (KeyError, TypeError, ValueError) as e:
-            raise io.InputError(f"{source}: row {i}: field 'verifier': {e!r}") from e
-    return out
-
-
-def reward_scores(rows: list[dict], model_dir: str, common, batch_size: int) -> list[list[float]]:
-    from posttrain import modeling, reward
-
-    model, tok = reward.load(model_dir, modeling.device_for(common.device), common.trust_remote_code)
-    flat = [row["messages"] + [{"role": "assistant", "content": s}] for row in rows for s in row["samples"]]
-    scores = iter(reward.score(model, tok, flat, batch_size, common.max_len))
-    return [[next(scores) for _ in row["samples"]] for row in rows]
+        """The score gap a pair needs, in the judge's units."""
+        return {"verifier": self.margin, "reward_model": math.log(self.min_prob / (1 - self.min_prob)),
+                "llm": 2 * self.min_prob - 1}[self.judge]
 
 
 def make_pairs(rows: list[dict], scores: list[list[float]], gap: float) -> tuple[list[dict], Counter]:
@@ -107,10 +94,15 @@ def run(common, params: LabelParams, args) -> dict:
             io.write_json(tmp / "stats.json", stats)
         return {"pairs": len(pairs), "passed_through": 1}
     rows = io.read_jsonl(args.samples, "samples")
-    if params.judge == "verifier":
-        scores = verifier_scores(rows, args.samples)
-    else:
-        scores = reward_scores(rows, args.reward_model, common, params.batch_size)
+    from posttrain import modeling
+
+    judge = judges.make(params.judge, reward_model=args.reward_model, device=modeling.device_for(common.device),
+                        max_len=common.max_len, batch_size=params.batch_size, llm=params.llm,
+                        trust_remote_code=common.trust_remote_code)
+    try:
+        scores = judge.scores(rows, [r["samples"] for r in rows])
+    except ValueError as e:  # the verifier judge names the row and field
+        raise io.InputError(f"{args.samples}: {e}") from e
     pairs, dropped = make_pairs(rows, scores, params.gap())
     if not pairs:
         raise io.InputError(f"{args.samples}: no preference pair survived (dropped: {dict(dropped)}); sample more "

@@ -87,8 +87,13 @@ def test_verifier_judge():
     judge = judges.VerifierJudge()
     assert judge.scores(ROWS, [["4", "5", "The answer is 4"]]) == [[1.0, pytest.approx(0.375), 1.0]]
     assert judge.prefer(ROWS * 3, ["4", "5", "4"], ["5", "4", "2 + 2 = 4"]) == [1.0, 0.0, 0.5]
-    with pytest.raises(ValueError, match="no verifier"):
-        judge.prefer([{"id": "x", "messages": ROWS[0]["messages"], "verifier": None}], ["4"], ["5"])
+    with pytest.raises(ValueError, match="row 2: field 'verifier': null"):
+        judge.prefer([ROWS[0], {"id": "x", "messages": ROWS[0]["messages"], "verifier": None}], ["4", "4"],
+                     ["5", "5"])
+    with pytest.raises(ValueError, match="row 1: field 'verifier': KeyError"):
+        judge.scores([{"id": "y", "messages": [], "verifier": {"type": "number"}}], [["4"]])
+    with pytest.raises(ValueError, match="judge 'oracle' is not one of"):
+        judges.make("oracle")
 
 
 def test_reward_model_judge_is_sigmoid_of_the_reward_difference(workdir, tmp_path):

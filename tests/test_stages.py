@@ -240,6 +240,27 @@ def test_label_with_the_reward_model_as_judge(pipeline, tmp_path):
         assert pair["chosen_score"] == pytest.approx(r_w, abs=1e-4)
 
 
+def test_label_with_the_llm_judge(pipeline, tmp_path):
+    """judge: llm scores each sample by its mean probability of beating the others (both orders asked), so a
+    prompt's scores average 0.5; no verifier is read."""
+    from posttrain import judges
+
+    w = pipeline["dir"]
+    p = tiny_params(tmp_path, label={"judge": "llm", "min_prob": 0.5, "llm": {"model": str(w / "models/sft")}})
+    rows = [r | {"verifier": None} for r in io.read_jsonl(w / "data/samples.jsonl", "samples")[:4]]
+    io.write_jsonl(tmp_path / "samples.jsonl", rows)
+    out = label.main(["--params", str(p), "--samples", str(tmp_path / "samples.jsonl"), "--out",
+                      str(tmp_path / "label")])
+    pairs = io.read_jsonl(tmp_path / "label/prefs.jsonl", "prefs")
+    assert out["pairs"] == len(pairs) > 0
+    judge = judges.make("llm", llm=judges.LlmJudgeParams(model=str(w / "models/sft")), device=torch.device("cpu"))
+    row = next(r for r in rows if r["id"] == pairs[0]["id"])
+    scores = judge.scores([row], [row["samples"]])[0]
+    assert sum(scores) / len(scores) == pytest.approx(0.5)
+    kept = [x for x, text in zip(scores, row["samples"], strict=True) if text.strip()]  # label drops empty ones
+    assert pairs[0]["chosen_score"] == pytest.approx(max(kept), abs=1e-5)
+
+
 def test_shared_prompt_forward_equals_the_concatenated_forward(workdir):
     """pair_logps runs each prompt once (KV cache repeated for both completions): same log-probs and gradients
     as TRL's concatenated [prompt + chosen; prompt + rejected] forward, with prompts of different lengths."""
