@@ -66,6 +66,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "score": _optional(_is((int, float), "a number")),  # null: the prompt has no gold verifier
                 "passed": lambda v: None if v is None or isinstance(v, bool) else "expected a bool or null",
                 "length": _is(int, "an integer")},
+    "logp_sums": {"id": _nonempty_str, "chosen": _is((int, float), "a number"),
+                  "rejected": _is((int, float), "a number")},
     "prefs": {"id": _nonempty_str, "prompt": _is_messages, "chosen": _nonempty_str, "rejected": _nonempty_str},
 }
 

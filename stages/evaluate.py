@@ -15,6 +15,12 @@ Held-out preference pairs (`--heldout`, prepare's heldout_prefs.jsonl; empty unl
 `heldout_chosen_ppl` and `heldout_rejected_ppl`, the model's perplexity of the chosen / rejected responses given
 their prompts, and `heldout_pref_accuracy`, the share of pairs whose chosen response has the higher mean per-token
 log-prob. They measure a model with no verifier; pairs too long for `common.max_len` are dropped and counted.
+`heldout.jsonl` keeps each pair's summed log-probs, from which `report` computes the implicit-reward accuracy
+against the reference model (log pi - log pi_ref orders chosen over rejected: TRL's rewards/accuracies).
+
+With `evaluate.reward_model: true`, each answer also gets `reward`, the `reward_model` stage's score of it (one
+reward-model forward per answer), and metrics.json its mean with a 95% interval; `report` turns the rewards into a
+win rate against the reference model.
 
 The alignment tax: `general_ppl`, the model's perplexity on a small general-English text shipped with the repo
 (`posttrain/data/general.txt`, ~4 KB of self-written prose on nothing the tasks ask), in non-overlapping windows of
@@ -47,6 +53,8 @@ class EvaluateParams:
     """Bootstrap resamples for the 95% intervals."""
     general_window: int = 256
     """Tokens per window of the general-text perplexity (each window starts without context)."""
+    reward_model: bool = False
+    """Score every answer with the reward_model stage's model (`--reward-model`): for data with no verifier."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.n_bootstrap < 100:
@@ -71,17 +79,20 @@ def perplexity(model, tok, text: str, window: int) -> tuple[float, int]:
     return math.exp(nll / n), n
 
 
-def heldout_pairs(model, tok, pairs: list[dict], max_len: int, batch_size: int, source: str) -> dict:
+def heldout_pairs(model, tok, pairs: list[dict], max_len: int, batch_size: int, source: str, n_boot: int,
+                  seed: int) -> tuple[dict, list[dict]]:
     """Perplexity of the chosen and the rejected responses of held-out pairs, and how often the chosen one has the
-    higher mean per-token log-prob."""
+    higher mean per-token log-prob (with its 95% interval); and per pair the summed log-probs of both sides."""
     rows, dropped = preference.encoded_rows(tok, pairs, max_len, source)
     logps = preference.completion_logps(model, tok, rows, batch_size)
     out: dict = {"heldout_pairs": len(rows)} | {f"heldout_dropped_{k}": v for k, v in dropped.items()}
     for side in ("chosen", "rejected"):
         n = sum(len(r[side]) for r in logps)
         out[f"heldout_{side}_ppl"] = math.exp(-sum(sum(r[side]) for r in logps) / n)
-    wins = [sum(r["chosen"]) / len(r["chosen"]) > sum(r["rejected"]) / len(r["rejected"]) for r in logps]
-    return out | {"heldout_pref_accuracy": sum(wins) / len(wins)}
+    wins = [float(sum(r["chosen"]) / len(r["chosen"]) > sum(r["rejected"]) / len(r["rejected"])) for r in logps]
+    out |= {"heldout_pref_accuracy": sum(wins) / len(wins),
+            "heldout_pref_accuracy_ci": stats.bootstrap_ci(wins, n_boot, seed)}
+    return out, [{"id": r["id"], "chosen": sum(r["chosen"]), "rejected": sum(r["rejected"])} for r in logps]
 
 
 def run(common, params: EvaluateParams, args) -> dict:
@@ -92,9 +103,7 @@ def run(common, params: EvaluateParams, args) -> dict:
     if not text.strip():
         raise io.InputError(f"{args.general}: missing or empty: no general text to score the alignment tax on")
     device = modeling.device_for(common.device)
-    base, _ = modeling.model_chain(args.model)
-    tok = modeling.load_tokenizer(base)
-    modeling.check_template(tok)
+    tok = modeling.stage_tokenizer(args.model)
     model = modeling.load_chain(args.model, device, common.trust_remote_code)
     responses = sampling.sample_hf(model, tok, [p["messages"] for p in prompts], n=1, temperature=0.0,
                                    max_new_tokens=params.max_new_tokens, batch_size=params.batch_size,
@@ -112,17 +121,34 @@ def run(common, params: EvaluateParams, args) -> dict:
         "n": len(answers), "n_gold": len(gold), "mean_length": sum(lengths) / len(lengths),
         "mean_length_ci": stats.bootstrap_ci(lengths, params.n_bootstrap, common.seed),
         "general_ppl": ppl, "general_tokens": n_tokens, "model": str(args.model)}
+    per_pair = []
     if pairs:
-        metrics |= heldout_pairs(model, tok, pairs, common.max_len, params.batch_size, args.heldout)
+        held, per_pair = heldout_pairs(model, tok, pairs, common.max_len, params.batch_size, args.heldout,
+                                       params.n_bootstrap, common.seed)
+        metrics |= held
+    if params.reward_model:
+        from posttrain import judges
+
+        del model  # the reward model takes its place in memory
+        rm = judges.make("reward_model", reward_model=args.reward_model, device=device, max_len=common.max_len,
+                         batch_size=params.batch_size, trust_remote_code=common.trust_remote_code)
+        rewards = rm.scores(prompts, [[a["response"]] for a in answers])
+        for a, (r,) in zip(answers, rewards, strict=True):
+            a["reward"] = r
+        values = [a["reward"] for a in answers]
+        metrics |= {"mean_reward": sum(values) / len(values),
+                    "mean_reward_ci": stats.bootstrap_ci(values, params.n_bootstrap, common.seed)}
     merge_info = Path(args.model) / "merge.json"
     if merge_info.exists():
         metrics["merge"] = json.loads(merge_info.read_text())
     # `dvc metrics show` lists summary.json, a row per model: a few flat scalars (metrics.json keeps the rest)
-    lo, hi = metrics["pass_rate_ci"]
-    summary = {k: metrics[k] for k in ("pass_rate", "mean_score", "mean_length", "general_ppl")} | {
-        "pass_rate_lo": lo, "pass_rate_hi": hi}
+    keys = ("pass_rate", "mean_score", "heldout_pref_accuracy", "mean_reward", "mean_length", "general_ppl")
+    summary = {k: metrics[k] for k in keys if k in metrics}
+    if "pass_rate_ci" in metrics:
+        summary |= {"pass_rate_lo": metrics["pass_rate_ci"][0], "pass_rate_hi": metrics["pass_rate_ci"][1]}
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "answers.jsonl", answers)
+        io.write_jsonl(tmp / "heldout.jsonl", per_pair)
         io.write_json(tmp / "metrics.json", metrics)
         io.write_json(tmp / "summary.json", summary)
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -134,9 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", required=True, help="checkpoint or adapter chain")
     p.add_argument("--prompts", required=True, help="held-out prompts (JSONL, schema `prompts`)")
     p.add_argument("--heldout", help="held-out preference pairs (JSONL, schema `prefs`; empty or absent: none)")
+    p.add_argument("--reward-model", default="models/reward_model",
+                   help="the reward_model stage's output, read with evaluate.reward_model: true")
     p.add_argument("--general", default=str(GENERAL_TEXT), help="plain text for the general-English perplexity "
                    "(default: the one shipped in posttrain/data)")
-    p.add_argument("--out", required=True, help="output folder: answers.jsonl, metrics.json")
+    p.add_argument("--out", required=True, help="output folder: answers.jsonl, heldout.jsonl, metrics.json, "
+                   "summary.json")
     args = p.parse_args(argv)
     return cli.execute("evaluate", EvaluateParams, args, run, run_name=f"evaluate@{args.name}")
 

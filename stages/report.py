@@ -3,10 +3,11 @@
     dvc repro report
     python -m stages.report --evals reports/evaluate --out reports
 
-Reads `reports/evaluate/<model>/{answers,metrics}.jsonl`; writes `report.md`, `scores.png`, `pareto.png` and
-`metrics.json` (for `dvc metrics show`): per model the gold pass rate, mean gold score and win rate against
-`report.reference` (per prompt: win 1 / tie 0.5 / loss 0 on the gold score), each with a 95% bootstrap interval,
-and the alignment tax: general-text perplexity relative to `report.tax_reference`'s, minus 1.
+Reads `reports/evaluate/<model>/{answers,metrics,heldout}`; writes `report.md`, `scores.png`, `pareto.png` and
+`metrics.json` (every figure of the table per model; `posttrain.table` prints it): the gold pass rate, mean gold
+score and win rate against `report.reference` (per prompt: win 1 / tie 0.5 / loss 0 on the gold score), the win
+rates by the judges `report.judges` names, each with a 95% bootstrap interval, and the alignment tax: general-text
+perplexity relative to `report.tax_reference`'s, minus 1. The table shows the columns that apply.
 
 `pareto.png` puts each model at (alignment tax, gold pass rate): the WiSE-FT sweep (linear merges, from the other
 endpoint at alpha 0 to the aligned model at alpha 1) as a line, every other merge method as a labelled point.
@@ -26,16 +27,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain import cli, io, stats
+from posttrain.judges import JUDGES, LlmJudgeParams, make
 
 
 @dataclass
 class ReportParams:
     reference: str = "sft"
     """The model every other is compared with, per prompt, for the win rate."""
+    judges: list[str] = field(default_factory=lambda: ["verifier"])
+    """Keys of posttrain.judges.JUDGES whose win rate against `reference` the table shows: 'verifier' (gold scores,
+    where verifiers exist), 'reward_model' (needs evaluate.reward_model: true), 'llm' (the `llm` judge compares every
+    model's answer with the reference's, both orders: 2 forward passes per answer)."""
+    llm: LlmJudgeParams = field(default_factory=LlmJudgeParams)
+    """The LLM judge (read only when `judges` names 'llm')."""
     order: list[str] | None = None
     """Row order in the table (default: base, sft, then the rest by name)."""
     tax_reference: str = "base"
@@ -44,6 +52,9 @@ class ReportParams:
     """Ship rule: the best pass rate among models whose general perplexity is <= (1 + this) x the reference's."""
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.judges) - set(JUDGES))
+        if unknown:
+            raise ValueError(f"judges: {unknown} not in {sorted(JUDGES)}")
         if self.ship_max_ppl_increase < 0:
             raise ValueError(f"ship_max_ppl_increase must be >= 0, got {self.ship_max_ppl_increase}")
 
@@ -52,7 +63,8 @@ def _fmt(v: float, ci) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-HELDOUT = ("heldout_pref_accuracy", "heldout_chosen_ppl", "heldout_rejected_ppl", "heldout_pairs")
+HELDOUT = ("heldout_pref_accuracy", "heldout_pref_accuracy_ci", "heldout_chosen_ppl", "heldout_rejected_ppl",
+           "heldout_pairs")
 """evaluate's measures on held-out preference pairs: what the table shows when there is no gold verifier."""
 
 
@@ -81,6 +93,60 @@ def build(evals: Path, reference: str, n_boot: int, seed: int) -> dict[str, dict
             m = json.loads(metrics.read_text())
             table[name] |= {k: m[k] for k in ("general_ppl", "model", "merge", *HELDOUT) if k in m}
     return table
+
+
+def _mean_ci(values: list[float], n_boot: int, seed: int) -> tuple[float, tuple[float, float]]:
+    return sum(values) / len(values), stats.bootstrap_ci(values, n_boot, seed)
+
+
+def add_judged(table: dict[str, dict], evals: Path, params: ReportParams, prompts: str | None, common,
+               n_boot: int) -> None:
+    """Win rates against the reference by the reward model (P = sigma(r - r_ref) per prompt, from evaluate's
+    rewards) and by the LLM judge (both orders asked), mean reward, and the held-out implicit-reward accuracy
+    (share of held-out pairs where log pi - log pi_ref is larger for chosen than for rejected)."""
+    import math
+
+    ref = params.reference
+    answers = {n: {a["id"]: a for a in io.read_jsonl(evals / n / "answers.jsonl", "answers")} for n in table}
+    ids = sorted(answers[ref])
+    if "reward_model" in params.judges:
+        for n in table:
+            missing = [i for i in ids if "reward" not in answers[n][i]]
+            if missing:
+                raise io.InputError(f"{evals / n / 'answers.jsonl'}: row {ids.index(missing[0]) + 1}: field "
+                                    "'reward': missing: set evaluate.reward_model: true for report.judges "
+                                    "'reward_model'")
+            p = [1 / (1 + math.exp(answers[ref][i]["reward"] - answers[n][i]["reward"])) for i in ids]
+            table[n]["win_rate_rm"], table[n]["win_rate_rm_ci"] = _mean_ci(p, n_boot, common.seed)
+            table[n]["mean_reward"], table[n]["mean_reward_ci"] = _mean_ci(
+                [answers[n][i]["reward"] for i in ids], n_boot, common.seed)
+    if "llm" in params.judges:
+        from posttrain import modeling
+
+        if not prompts:
+            raise io.InputError("report: report.judges names 'llm' but no --prompts file was given")
+        rows = {r["id"]: r for r in io.read_jsonl(prompts, "prompts")}
+        judge = make("llm", llm=params.llm, device=modeling.device_for(common.device),
+                            trust_remote_code=common.trust_remote_code)
+        for n in table:
+            if n == ref:
+                continue
+            p = judge.prefer([rows[i] for i in ids], [answers[n][i]["response"] for i in ids],
+                             [answers[ref][i]["response"] for i in ids])
+            table[n]["win_rate_llm"], table[n]["win_rate_llm_ci"] = _mean_ci(p, n_boot, common.seed)
+    held = {n: {r["id"]: r for r in io.read_jsonl(evals / n / "heldout.jsonl", "logp_sums")}
+            for n in table if _nonempty(evals / n / "heldout.jsonl")}
+    if ref in held:
+        for n in held:
+            if n == ref or held[n].keys() != held[ref].keys():
+                continue
+            right = [float(r["chosen"] - held[ref][i]["chosen"] > r["rejected"] - held[ref][i]["rejected"])
+                     for i, r in sorted(held[n].items())]
+            table[n]["implicit_accuracy"], table[n]["implicit_accuracy_ci"] = _mean_ci(right, n_boot, common.seed)
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
 
 
 def add_tax(table: dict[str, dict], tax_reference: str, evals: Path) -> None:
@@ -191,49 +257,66 @@ def plot(table: dict[str, dict], names: list[str], panels: list[tuple[str, str]]
     tmp.replace(path)
 
 
-def _gold_table(table: dict[str, dict], names: list[str], params: ReportParams, shipped: str | None) -> list[str]:
-    wr = f"win_rate_vs_{params.reference}"
-    lines = [f"Gold verifiers on {table[names[0]]['n_gold']} held-out prompts; 95% bootstrap intervals; win rate per "
-             f"prompt against `{params.reference}` (win 1 / tie 0.5 / loss 0). General ppl: perplexity on a "
-             "general-English text (`posttrain/data/general.txt`); alignment tax: that perplexity relative to "
-             f"`{params.tax_reference}`'s.", "",
-             f"| model | pass rate | mean score | win rate vs {params.reference} | mean length | general ppl "
-             f"| tax vs {params.tax_reference} |",
-             "|---|---|---|---|---|---|---|"]
-    for n in names:
-        r = table[n]
-        ppl = (f"{r['general_ppl']:.2f} | {100 * r['alignment_tax']:+.1f}%" if "general_ppl" in r else "- | -")
-        lines.append(f"| {n} | {_fmt(r['pass_rate'], r['pass_rate_ci'])} | {_fmt(r['mean_score'], r['mean_score_ci'])}"
-                     f" | {_fmt(r[wr], r[wr + '_ci'])} | {r['mean_length']:.1f} | {ppl} |")
+def columns(params: ReportParams) -> list[tuple[str, str, str]]:
+    """(key, header, format) of every column the table may show; a column shows when some model has its key.
+    Format 'ci' prints the value with its 95% interval (the key + '_ci')."""
+    ref, tax = params.reference, params.tax_reference
+    return [("pass_rate", "pass rate", "ci"), ("mean_score", "mean score", "ci"),
+            (f"win_rate_vs_{ref}", f"win rate vs {ref} (gold)", "ci"),
+            ("win_rate_rm", f"win rate vs {ref} (reward model)", "ci"),
+            ("win_rate_llm", f"win rate vs {ref} (LLM judge)", "ci"), ("mean_reward", "mean reward", "ci"),
+            ("implicit_accuracy", f"held-out implicit-reward accuracy vs {ref}", "ci"),
+            ("heldout_pref_accuracy", "held-out pref accuracy (likelihood)", "ci"),
+            ("heldout_chosen_ppl", "held-out chosen ppl", ".2f"),
+            ("heldout_rejected_ppl", "held-out rejected ppl", ".2f"),
+            ("mean_length", "mean length", ".1f"), ("general_ppl", "general ppl", ".2f"),
+            ("alignment_tax", f"tax vs {tax}", "pct")]
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+    if key not in r:
+        return "-"
+    if fmt == "ci":
+        return _fmt(r[key], r[key + "_ci"]) if key + "_ci" in r else f"{r[key]:.3f}"
+    return f"{100 * r[key]:+.1f}%" if fmt == "pct" else format(r[key], fmt)
+
+
+def table_lines(table: dict[str, dict], names: list[str], params: ReportParams) -> list[str]:
+    shown = [c for c in columns(params) if any(c[0] in table[n] for n in names)]
+    lines = ["| model | " + " | ".join(h for _, h, _ in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    return lines + [f"| {n} | " + " | ".join(_cell(table[n], k, f) for k, _, f in shown) + " |" for n in names]
+
+
+def _intro(table: dict[str, dict], names: list[str], params: ReportParams, gold: bool) -> str:
+    ref = params.reference
+    n_pairs = next((table[n]["heldout_pairs"] for n in names if "heldout_pairs" in table[n]), 0)
+    parts = [f"Gold verifiers on {table[names[0]]['n_gold']} held-out prompts; win rate per prompt against `{ref}` "
+             "(win 1 / tie 0.5 / loss 0)." if gold else
+             f"No gold verifier on these {table[names[0]]['n']} held-out prompts (a user's data set): no pass rate "
+             "or ship rule."]
+    if any("win_rate_rm" in table[n] for n in names):
+        parts.append(f"Reward-model win rate: mean over prompts of sigma(r - r_{ref}), the `reward_model` stage's "
+                     "rewards of each answer.")
+    if any("win_rate_llm" in table[n] for n in names):
+        parts.append(f"LLM-judge win rate: `{params.llm.model}` compares each answer with `{ref}`'s, both orders "
+                     "asked and averaged, ties count half. Judges favour length: mean length is beside it.")
+    if n_pairs:
+        parts.append(f"On {n_pairs} held-out preference pairs: implicit-reward accuracy = share where log pi - log "
+                     f"pi_{ref} is larger for the chosen response; pref accuracy = share whose chosen response has "
+                     "the higher mean per-token log-prob; chosen / rejected ppl = the model's perplexity of them.")
+    parts.append("95% bootstrap intervals. General ppl: perplexity on a general-English text (`posttrain/data/"
+                 f"general.txt`); alignment tax: that perplexity relative to `{params.tax_reference}`'s.")
+    return " ".join(parts)
+
+
+def _ship_lines(shipped: str | None, params: ReportParams, gold: bool) -> list[str]:
+    if not gold:
+        return ["**Ship: none** (no gold verifier to rank by)."]
     rule = (f"the highest gold pass rate among models whose general-text perplexity is at most "
             f"{100 * params.ship_max_ppl_increase:g}% above `{params.reference}`'s (ties: higher mean score, then "
             "lower perplexity)")
-    return lines + ["", "![scores](scores.png)", "",
-                    f"**Ship: {shipped or 'none'}**. Rule: {rule}. Pass-rate differences inside the intervals above "
-                    "are not significant.", "", "![alignment tax](pareto.png)", ""]
-
-
-def _no_gold_table(table: dict[str, dict], names: list[str], params: ReportParams) -> list[str]:
-    def cell(r: dict, key: str, fmt: str) -> str:
-        return format(r[key], fmt) if key in r else "-"
-
-    n_pairs = next((table[n]["heldout_pairs"] for n in names if "heldout_pairs" in table[n]), 0)
-    lines = [f"No gold verifier on these {table[names[0]]['n']} held-out prompts (a user's data set): no pass rate, "
-             f"win rate or ship rule. On {n_pairs} held-out preference pairs: pref accuracy = share whose chosen "
-             "response the model gives the higher mean per-token log-prob; chosen / rejected ppl = the model's "
-             "perplexity of those responses. General ppl: perplexity on `posttrain/data/general.txt`; alignment "
-             f"tax: relative to `{params.tax_reference}`'s.", "",
-             f"| model | heldout pref accuracy | heldout chosen ppl | heldout rejected ppl | mean length "
-             f"| general ppl | tax vs {params.tax_reference} |",
-             "|---|---|---|---|---|---|---|"]
-    for n in names:
-        r = table[n]
-        tax = f"{100 * r['alignment_tax']:+.1f}%" if "alignment_tax" in r else "-"
-        lines.append(f"| {n} | {cell(r, 'heldout_pref_accuracy', '.3f')} | {cell(r, 'heldout_chosen_ppl', '.2f')} | "
-                     f"{cell(r, 'heldout_rejected_ppl', '.2f')} | {r['mean_length']:.1f} | "
-                     f"{cell(r, 'general_ppl', '.2f')} | {tax} |")
-    return lines + ["", "![scores](scores.png)", "", "**Ship: none** (no gold verifier to rank by).", "",
-                    "![alignment tax](pareto.png)", ""]
+    return [f"**Ship: {shipped or 'none'}**. Rule: {rule}. Pass-rate differences inside the intervals above are not "
+            "significant."]
 
 
 def _data_lines(label_stats: str | None, prepare_stats: str | None) -> list[str]:
@@ -265,8 +348,10 @@ def run(common, params: ReportParams, args) -> dict:
     add_tax(table, params.tax_reference, evals)
     gold = "pass_rate" in table[params.reference]
     shipped = ship(table, params.reference, params.ship_max_ppl_increase) if gold else None
-    lines = ["# posttrain report", ""]
-    lines += _gold_table(table, names, params, shipped) if gold else _no_gold_table(table, names, params)
+    add_judged(table, evals, params, args.prompts, common, 1000)
+    lines = ["# posttrain report", "", _intro(table, names, params, gold), "", *table_lines(table, names, params),
+             "", "![scores](scores.png)", "", *_ship_lines(shipped, params, gold), "", "![alignment tax](pareto.png)",
+             ""]
     lines += _data_lines(args.label_stats, args.prepare_stats)
     out.mkdir(parents=True, exist_ok=True)
     wr = f"win_rate_vs_{params.reference}"
@@ -294,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="output folder for report.md, scores.png, metrics.json")
     p.add_argument("--label-stats", help="the label stage's stats.json, to report what was dropped and why")
     p.add_argument("--prepare-stats", help="the prepare stage's stats.json: the data set's format and its drops")
+    p.add_argument("--prompts", help="the evaluated prompts (eval.jsonl), for report.judges 'llm'")
     return cli.execute("report", ReportParams, p.parse_args(argv), run)
 
 

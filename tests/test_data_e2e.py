@@ -4,6 +4,7 @@
 Reduced so each repro takes about a minute: one preference variant, no guidance or merge rows, three evaluations."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -18,8 +19,9 @@ COMMON = {"prepare", "base", "sft", "generate", "reward_model", "label", "refere
           "evaluate@base", "evaluate@sft", "evaluate@dpo", "report"}
 
 
-def _repo(tmp, prepare: dict):
-    """A git + DVC copy of the pipeline whose params are the tiny profile, reduced, with `prepare` overrides."""
+def _repo(tmp, prepare: dict, **blocks):
+    """A git + DVC copy of the pipeline whose params are the tiny profile, reduced, with `prepare` overrides (and
+    those of other `blocks`)."""
     for name in ("stages", "posttrain", "profiles"):
         shutil.copytree(ROOT / name, tmp / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
@@ -31,6 +33,8 @@ def _repo(tmp, prepare: dict):
     params["merge"]["models"] = {}
     params["evaluate"]["models"] = {"base": "models/base", "sft": "models/sft", "dpo": "models/dpo/dpo"}
     params["report"]["order"] = ["base", "sft", "dpo"]
+    for block, values in blocks.items():
+        params[block] |= values
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     _run(["git", "init", "-q"], tmp)
     _run(DVC + ["init", "-q"], tmp)
@@ -41,7 +45,8 @@ def test_dataset_mode_from_a_trl_conversational_preference_file(tmp_path):
     (tmp_path / "user").mkdir()
     shutil.copy(ASSETS / "formats" / "preference_conversational.jsonl", tmp_path / "user" / "prefs.jsonl")
     repo = _repo(tmp_path, {"source": "user/prefs.jsonl", "pairs": "dataset", "n_eval": 4, "n_train": 16,
-                            "n_sft": 16})
+                            "n_sft": 16}, evaluate={"reward_model": True},
+                 report={"judges": ["reward_model", "llm"], "llm": {"model": "models/sft"}})
     assert _ran(_run(DVC + ["repro"], repo)) == COMMON
     stats = json.loads((repo / "data/prepare/stats.json").read_text())
     assert (stats["format"], stats["n_prefs"], stats["n_heldout_prefs"], stats["dropped"]) == (
@@ -66,8 +71,22 @@ def test_dataset_mode_from_a_trl_conversational_preference_file(tmp_path):
         assert 0 <= row["heldout_pref_accuracy"] <= 1 and row["heldout_chosen_ppl"] > 1
     answers = io.read_jsonl(repo / "reports/evaluate/dpo/answers.jsonl", "answers")
     assert len(answers) == 4 and all(a["score"] is None and a["passed"] is None for a in answers)
+    # judged without a verifier: reward-model and LLM-judge win rates against sft, implicit-reward accuracy
+    ref = {a["id"]: a["reward"] for a in io.read_jsonl(repo / "reports/evaluate/sft/answers.jsonl", "answers")}
+    by_hand = sum(1 / (1 + math.exp(ref[a["id"]] - a["reward"])) for a in answers) / len(answers)
+    assert table["dpo"]["win_rate_rm"] == pytest.approx(by_hand)
+    assert table["sft"]["win_rate_rm"] == 0.5 and "win_rate_llm" not in table["sft"]  # the reference itself
+    for name in ("base", "dpo"):
+        lo, hi = table[name]["win_rate_llm_ci"]
+        assert 0 <= lo <= table[name]["win_rate_llm"] <= hi <= 1
+        assert 0 <= table[name]["implicit_accuracy"] <= 1 and "mean_reward_ci" in table[name]
     report = (repo / "reports/report.md").read_text()
     assert "No gold verifier" in report and "format preference_conversational" in report
+    header = next(line for line in report.splitlines() if line.startswith("| model"))
+    for column in ("win rate vs sft (reward model)", "win rate vs sft (LLM judge)", "mean reward",
+                   "held-out implicit-reward accuracy vs sft", "held-out pref accuracy", "mean length"):
+        assert column in header
+    assert "pass rate" not in header
     assert "**Ship: none**" in report
 
 
