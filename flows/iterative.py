@@ -4,6 +4,7 @@
     python -m flows.iterative --rounds 3        # three more rounds
     python -m flows.iterative --round 2         # reproduce / resume round 2 from rounds/round_2.yaml (no-op if done)
     python -m flows.iterative serve --interval 3600   # a Prefect deployment: each scheduled run adds one round
+    python -m flows.iterative deploy --pool posttrain --interval 3600   # the same on a work pool (docs/team.md)
     python -m flows.iterative compare           # the rounds as a table, read from the MLflow store
 
 It reads the pipeline's outputs (`models/sft`, `data/prepare`), so it runs after `dvc repro`. Round k:
@@ -336,8 +337,20 @@ def _tracking(data: dict, repo: Path, where: str):
     return client, exp_id, uri, common.mlflow_experiment
 
 
-def _version(client, name: str, path: str, run_id: str | None, tags: dict) -> str:
-    """The registry version of model folder `path` (tag `path`), created on first use with the folder as source."""
+def _source(client, path: str, run_id: str) -> str:
+    """What a registry version of model folder `path` points at: the folder itself when run `run_id` keeps its
+    artifacts on this machine (a SQLite or file store), else a copy logged to that run's artifacts, since a tracking
+    server refuses a local path outside its artifact store (and a teammate could not read it)."""
+    from mlflow.utils.uri import is_local_uri
+
+    if is_local_uri(client.get_run(run_id).info.artifact_uri, is_tracking_or_registry_uri=False):
+        return str(Path(path).resolve())
+    client.log_artifacts(run_id, path, f"registry/{path}")
+    return f"runs:/{run_id}/registry/{path}"
+
+
+def _version(client, name: str, path: str, run_id: str | None, tags: dict, via_run: str) -> str:
+    """The registry version of model folder `path` (tag `path`), created on first use (source: `_source`)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -347,7 +360,7 @@ def _version(client, name: str, path: str, run_id: str | None, tags: dict) -> st
     for v in client.search_model_versions(f"name='{name}'"):
         if v.tags.get("path") == path:
             return v.version
-    v = client.create_model_version(name, source=str(Path(path).resolve()), run_id=run_id,
+    v = client.create_model_version(name, source=_source(client, path, via_run), run_id=run_id,
                                     tags={"path": path} | {k: str(x) for k, x in tags.items()})
     return v.version
 
@@ -355,9 +368,11 @@ def _version(client, name: str, path: str, run_id: str | None, tags: dict) -> st
 def register(client, name: str, decision: dict, run_id: str) -> tuple[str, str]:
     """Register the candidate (and the champion it faced); point `champion` at the champion after the round."""
     k = decision["round"]
-    before = _version(client, name, decision["champion_before"], None, {"round": "initial"} if k == 1 else {})
+    before = _version(client, name, decision["champion_before"], None, {"round": "initial"} if k == 1 else {},
+                      run_id)
     cand = _version(client, name, decision["candidate"], run_id, {
-        "round": k, "promoted": decision["promoted"], "pass_rate": round(decision["candidate_pass_rate"], 4)})
+        "round": k, "promoted": decision["promoted"], "pass_rate": round(decision["candidate_pass_rate"], 4)},
+                    run_id)
     champion = cand if decision["promoted"] else before
     client.set_registered_model_alias(name, ALIAS, champion)
     return cand, champion
@@ -567,19 +582,45 @@ def serve(repo_dir: str, params: str, interval: float) -> None:
                     description="Iterative DPO: each run adds one round (sample, label, train, evaluate, promote).")
 
 
+def deploy(repo_dir: str, params: str, interval: float, pool: str, source: str | None = None) -> str:
+    """Deploy the flow as `iterative/iterative-dpo` to work pool `pool`, where workers started separately
+    (`prefect worker start --pool <pool>`) pick up its runs; every scheduled run adds one round.
+
+    The code comes from `source` (a git URL, or by default the folder holding flows/, which the workers must then see
+    at the same path). `concurrency_limit=1` makes the server hold a second run in AwaitingConcurrencySlot until the
+    first ends, so two workers never train at once; the repo lock adds the same guard on one filesystem."""
+    import datetime
+
+    from prefect.schedules import Interval
+
+    start = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=interval)
+    code = source or str(Path(__file__).resolve().parents[1])
+    deployment_id = iterative.from_source(source=code, entrypoint="flows/iterative.py:iterative").deploy(
+        name=DEPLOYMENT, work_pool_name=pool, schedule=Interval(interval, anchor_date=start), concurrency_limit=1,
+        parameters={"repo_dir": str(Path(repo_dir).resolve()), "params": params, "rounds": 1},
+        description="Iterative DPO: each run adds one round (sample, label, train, evaluate, promote).",
+        print_next_steps=False)
+    return str(deployment_id)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "serve", "compare"])
+    p.add_argument("command", nargs="?", default="run", choices=["run", "serve", "deploy", "compare"])
     p.add_argument("--repo", default=".", help="the pipeline's repo (default: .)")
     p.add_argument("--params", default="params.yaml", help="params file, relative to --repo")
     p.add_argument("--rounds", type=int, default=1, help="run: rounds to add (default 1)")
     p.add_argument("--round", type=int, default=None, help="run: reproduce or resume exactly this round")
     p.add_argument("--interval", type=float, default=3600.0, help="serve: seconds between scheduled rounds")
     p.add_argument("--out", default="reports/rounds", help="compare: folder for rounds.png and rounds.md")
+    p.add_argument("--pool", default="posttrain", help="deploy: the work pool (prefect work-pool create)")
+    p.add_argument("--source", default=None, help="deploy: where workers get the code (git URL; default: this one)")
     args = p.parse_args(argv)
     if args.command == "serve":
         serve(args.repo, args.params, args.interval)
+    elif args.command == "deploy":
+        print(f"deployment iterative/{DEPLOYMENT} on work pool {args.pool}: "
+              f"{deploy(args.repo, args.params, args.interval, args.pool, args.source)}")
     elif args.command == "compare":
         repo = Path(args.repo).resolve()
         data = config.read_yaml(repo / args.params)
