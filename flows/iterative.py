@@ -360,7 +360,10 @@ def _version(client, name: str, path: str, run_id: str | None, tags: dict, via_r
     for v in client.search_model_versions(f"name='{name}'"):
         if v.tags.get("path") == path:
             return v.version
-    v = client.create_model_version(name, source=_source(client, path, via_run), run_id=run_id,
+    source = _source(client, path, via_run)
+    if source.startswith("runs:/"):  # a server accepts a run's artifacts as source only together with that run
+        run_id = via_run
+    v = client.create_model_version(name, source=source, run_id=run_id,
                                     tags={"path": path} | {k: str(x) for k, x in tags.items()})
     return v.version
 
