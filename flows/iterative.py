@@ -382,7 +382,8 @@ def register(client, name: str, decision: dict, run_id: str) -> tuple[str, str]:
 
 
 def dvc_add(repo: Path, d: Path) -> None:
-    """Version a finished round folder (rounds/round_<k>.dvc); skipped outside a DVC repo."""
+    """Version a finished round folder (rounds/round_<k>.dvc); skipped outside a DVC repo. With a default DVC remote
+    (`dvc remote add -d`, docs/team.md) the folder is pushed too: a worker's clone may be gone by the next round."""
     if not (repo / ".dvc").is_dir():
         get_run_logger().warning("%s is not a DVC repo: %s is not versioned", repo, d)
         return
@@ -390,6 +391,9 @@ def dvc_add(repo: Path, d: Path) -> None:
 
     with Repo(str(repo)) as dvc_repo:
         dvc_repo.add(str(d))
+        if dvc_repo.config["core"].get("remote"):
+            dvc_repo.push(targets=[f"{d}.dvc"])
+            get_run_logger().info("%s pushed to DVC remote %s", d, dvc_repo.config["core"]["remote"])
 
 
 def _clean(d: Path) -> None:

@@ -180,7 +180,9 @@ def test_work_pool_worker_runs_one_round_at_a_time(pipeline, prefect_api, tmp_pa
     env = _env(repo) | prefect_env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}
     logs = tmp_path / "logs"
     logs.mkdir()
+    remote = tmp_path / "dvc-remote"
     for cmd in (
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "team", str(remote)],
         [str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"],
         [sys.executable, "-m", "flows.iterative", "deploy", "--pool", POOL, "--interval", "3600"],
     ):
@@ -222,6 +224,14 @@ def test_work_pool_worker_runs_one_round_at_a_time(pipeline, prefect_api, tmp_pa
             assert client.read_flow_run(first).work_pool_name == POOL
     finally:
         _stop(worker)
-    decision = json.loads((repo / "rounds" / "round_1" / "decision.json").read_text())
-    assert decision["round"] == 1
+    decision = (repo / "rounds" / "round_1" / "decision.json").read_bytes()
+    assert json.loads(decision)["round"] == 1
     assert str(first) in (logs / "worker.log").read_text()  # this worker, not this process, ran it
+
+    # the round went to the DVC remote: gone from the folder and the cache, it comes back from there
+    shutil.rmtree(repo / "rounds" / "round_1")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    proc = subprocess.run([sys.executable, "-m", "dvc", "pull", "rounds/round_1.dvc"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (repo / "rounds" / "round_1" / "decision.json").read_bytes() == decision
