@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--params", default="params.yaml", help="params file, relative to --repo")
     p.add_argument("--rounds", type=int, default=1, help="run: rounds to add (default 1)")
     p.add_argument("--round", type=int, default=None, help="run: reproduce or resume exactly this round")
-    p.add_argument("--interval", type=float, default=3600.0, help="serve: seconds between scheduled rounds")
+    p.add_argument("--interval", type=float, default=3600.0, help="serve, deploy: seconds between scheduled rounds")
     p.add_argument("--out", default="reports/rounds", help="compare: folder for rounds.png and rounds.md")
     p.add_argument("--pool", default="posttrain", help="deploy: the work pool (prefect work-pool create)")
     p.add_argument("--source", default=None, help="deploy: where workers get the code (git URL; default: this one)")
