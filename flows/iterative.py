@@ -4,6 +4,7 @@
     python -m flows.iterative --rounds 3        # three more rounds
     python -m flows.iterative --round 2         # reproduce / resume round 2 from rounds/round_2.yaml (no-op if done)
     python -m flows.iterative serve --interval 3600   # a Prefect deployment: each scheduled run adds one round
+    python -m flows.iterative deploy --pool posttrain --interval 3600   # the same on a work pool (docs/team.md)
     python -m flows.iterative compare           # the rounds as a table, read from the MLflow store
 
 It reads the pipeline's outputs (`models/sft`, `data/prepare`), so it runs after `dvc repro`. What a round does
@@ -132,16 +133,18 @@ def register(client, name: str, decision: dict, run_id: str) -> tuple[str, str]:
     """Register the candidate (and the champion it faced); point `champion` at the champion after the round."""
     k = decision["round"]
     before = tracking.model_version(client, name, decision["champion_before"], None,
-                                    {"round": "initial"} if k == 1 else {})
+                                    {"round": "initial"} if k == 1 else {}, via_run=run_id)
     cand = tracking.model_version(client, name, decision["candidate"], run_id, {
-        "round": k, "promoted": decision["promoted"], "pass_rate": round(decision["candidate_pass_rate"], 4)})
+        "round": k, "promoted": decision["promoted"], "pass_rate": round(decision["candidate_pass_rate"], 4)},
+        via_run=run_id)
     champion = cand if decision["promoted"] else before
     client.set_registered_model_alias(name, ALIAS, champion)
     return cand, champion
 
 
 def dvc_add(repo: Path, d: Path) -> None:
-    """Version a finished round folder (rounds/round_<k>.dvc); skipped outside a DVC repo."""
+    """Version a finished round folder (rounds/round_<k>.dvc); skipped outside a DVC repo. With a default DVC remote
+    (`dvc remote add -d`, docs/team.md) the folder is pushed too: a worker's clone may be gone by the next round."""
     if not (repo / ".dvc").is_dir():
         get_run_logger().warning("%s is not a DVC repo: %s is not versioned", repo, d)
         return
@@ -149,6 +152,9 @@ def dvc_add(repo: Path, d: Path) -> None:
 
     with Repo(str(repo)) as dvc_repo:
         dvc_repo.add(str(d))
+        if dvc_repo.config["core"].get("remote"):
+            dvc_repo.push(targets=[f"{d}.dvc"])
+            get_run_logger().info("%s pushed to DVC remote %s", d, dvc_repo.config["core"]["remote"])
 
 
 def _clean(d: Path) -> None:
@@ -280,19 +286,45 @@ def serve(repo_dir: str, params: str, interval: float) -> None:
                     description="Iterative DPO: each run adds one round (sample, label, train, evaluate, promote).")
 
 
+def deploy(repo_dir: str, params: str, interval: float, pool: str, source: str | None = None) -> str:
+    """Deploy the flow as `iterative/iterative-dpo` to work pool `pool`, where workers started separately
+    (`prefect worker start --pool <pool>`) pick up its runs; every scheduled run adds one round.
+
+    The code comes from `source` (a git URL, or by default the folder holding flows/, which the workers must then see
+    at the same path). `concurrency_limit=1` makes the server hold a second run in AwaitingConcurrencySlot until the
+    first ends, so two workers never train at once; the repo lock adds the same guard on one filesystem."""
+    import datetime
+
+    from prefect.schedules import Interval
+
+    start = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=interval)
+    code = source or str(Path(__file__).resolve().parents[1])
+    deployment_id = iterative.from_source(source=code, entrypoint="flows/iterative.py:iterative").deploy(
+        name=DEPLOYMENT, work_pool_name=pool, schedule=Interval(interval, anchor_date=start), concurrency_limit=1,
+        parameters={"repo_dir": str(Path(repo_dir).resolve()), "params": params, "rounds": 1},
+        description="Iterative DPO: each run adds one round (sample, label, train, evaluate, promote).",
+        print_next_steps=False)
+    return str(deployment_id)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "serve", "compare"])
+    p.add_argument("command", nargs="?", default="run", choices=["run", "serve", "deploy", "compare"])
     p.add_argument("--repo", default=".", help="the pipeline's repo (default: .)")
     p.add_argument("--params", default="params.yaml", help="params file, relative to --repo")
     p.add_argument("--rounds", type=int, default=1, help="run: rounds to add (default 1)")
     p.add_argument("--round", type=int, default=None, help="run: reproduce or resume exactly this round")
-    p.add_argument("--interval", type=float, default=3600.0, help="serve: seconds between scheduled rounds")
+    p.add_argument("--interval", type=float, default=3600.0, help="serve, deploy: seconds between scheduled rounds")
     p.add_argument("--out", default="reports/rounds", help="compare: folder for rounds.png and rounds.md")
+    p.add_argument("--pool", default="posttrain", help="deploy: the work pool (prefect work-pool create)")
+    p.add_argument("--source", default=None, help="deploy: where workers get the code (git URL; default: this one)")
     args = p.parse_args(argv)
     if args.command == "serve":
         serve(args.repo, args.params, args.interval)
+    elif args.command == "deploy":
+        print(f"deployment iterative/{DEPLOYMENT} on work pool {args.pool}: "
+              f"{deploy(args.repo, args.params, args.interval, args.pool, args.source)}")
     elif args.command == "compare":
         repo = Path(args.repo).resolve()
         data = config.read_yaml(repo / args.params)

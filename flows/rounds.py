@@ -271,10 +271,10 @@ def plan(spec: dict) -> list[Step]:
                                               "--reference", reference, "--guidance", guidance,
                                               "--out", str(d / "model")], d / "model"))
     evaluations = [("evaluate", str(d / "model"), f"round_{r.k}", EVAL_PROMPTS, str(d / "eval")),
-                   ("select", str(d / "model"), f"round_{r.k}", SELECTION, str(d / "select"))]
+                   ("select", str(d / "model"), f"round_{r.k}_select", SELECTION, str(d / "select"))]
     if Path(r.champion_eval) == d / "champion_eval":  # round 1: the initial model has no evaluations yet
         evaluations += [("evaluate_champion", r.champion, "champion", EVAL_PROMPTS, r.champion_eval),
-                        ("select_champion", r.champion, "champion", SELECTION, r.champion_select)]
+                        ("select_champion", r.champion, "champion_select", SELECTION, r.champion_select)]
     for name, model, label, prompts, out in evaluations:
         steps.append(Step(name, "evaluate", params + ["--name", label, "--model", model, "--prompts", str(prompts),
                                                       "--out", out], Path(out)))

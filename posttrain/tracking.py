@@ -102,9 +102,22 @@ def resolve_uri(uri: str, repo: str | Path) -> str:
     return uri
 
 
-def model_version(client, name: str, path: str, run_id: str | None, tags: dict) -> str:
+def _source(client, path: str, run_id: str) -> str:
+    """What a registry version of model folder `path` points at: the folder itself when run `run_id` keeps its
+    artifacts on this machine (a SQLite or file store), else a copy logged to that run's artifacts, since a tracking
+    server refuses a local path outside its artifact store (and a teammate could not read it)."""
+    from mlflow.utils.uri import is_local_uri
+
+    if is_local_uri(client.get_run(run_id).info.artifact_uri, is_tracking_or_registry_uri=False):
+        return str(Path(path).resolve())
+    client.log_artifacts(run_id, path, f"registry/{path}")
+    return f"runs:/{run_id}/registry/{path}"
+
+
+def model_version(client, name: str, path: str, run_id: str | None, tags: dict, via_run: str) -> str:
     """The Model Registry version of model folder `path` (its tag `path`) under `name`, created on first use with the
-    folder as its source; the registered model is created if needed."""
+    folder (or its copy in run `via_run`'s artifacts, on a tracking server: `_source`) as its source; the registered
+    model is created if needed."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -114,6 +127,9 @@ def model_version(client, name: str, path: str, run_id: str | None, tags: dict) 
     for v in client.search_model_versions(f"name='{name}'"):
         if v.tags.get("path") == path:
             return v.version
-    v = client.create_model_version(name, source=str(Path(path).resolve()), run_id=run_id,
+    source = _source(client, path, via_run)
+    if source.startswith("runs:/"):  # a server accepts a run's artifacts as source only together with that run
+        run_id = via_run
+    v = client.create_model_version(name, source=source, run_id=run_id,
                                     tags={"path": path} | {k: str(x) for k, x in tags.items()})
     return v.version

@@ -110,3 +110,26 @@ def test_recipe_flow_follows_dvc(repo):
     parent = runs[runs["tags.mlflow.runName"] == "recipe"].iloc[0]["run_id"]
     nested = runs[runs["tags.mlflow.parentRunId"] == parent]
     assert list(nested["tags.mlflow.runName"]) == ["report"]
+
+
+def test_remote_push_clone_pull_runs_nothing(repo, tmp_path):
+    """A teammate's clone: `dvc push` to a remote, `git clone`, `dvc pull`, and `dvc repro` runs no stage.
+
+    Last in this module: it commits the repo as the earlier tests left it."""
+    repo, _ = repo
+    remote = tmp_path / "remote"
+    _run(DVC + ["remote", "add", "-d", "team", str(remote)], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "tiny pipeline"], repo)
+    _run(DVC + ["push"], repo)
+    assert len([p for p in remote.rglob("*") if p.is_file()]) > 20  # content-addressed files of every cached out
+
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "models").exists() and (clone / "reports/metrics.json").exists()  # git has the metrics
+    _run(DVC + ["pull"], clone)
+    for f in ("models/merge/wise_50/model.safetensors", "models/dpo/tgdpo_token/adapter_model.safetensors",
+              "data/prepare/eval.jsonl", "reports/report.md"):
+        assert (clone / f).read_bytes() == (repo / f).read_bytes(), f
+    assert _ran(_run(DVC + ["repro"], clone)) == set()
+    assert "up to date" in _run(DVC + ["status"], clone)
