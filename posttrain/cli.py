@@ -22,7 +22,8 @@ from posttrain import config, tracking
 LAUNCHED = ("sft", "dpo")
 """Stages that go through `common.launcher`: each trains with a transformers Trainer and saves via
 `training.save` (gathered weights, main process only). Evaluation, sampling (vLLM splits a model over GPUs itself,
-`generate.tensor_parallel_size`) and the token reward (a linear head on a frozen backbone) run as one process."""
+`generate.tensor_parallel_size`) and the reward models (a LoRA adapter and a head, saved by `reward.save`) run as
+one process."""
 
 MARKER = "POSTTRAIN_LAUNCHED"
 """Set in the environment of the re-executed command, so a stage never launches itself twice."""
