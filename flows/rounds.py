@@ -139,28 +139,16 @@ def next_round() -> int:
     return unfinished[0] if unfinished else max(started, default=0) + 1
 
 
-def _user_text(messages: list[dict]) -> str:
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
-
-
 def draw_prompts(prefix: str, n: int, seed: int, task_mix: dict[str, float], exclude: list[str]) -> list[dict]:
-    """`n` distinct task-suite prompts (ids `<prefix>-<task>-<i>`), none of them in the `exclude` files."""
-    seen = {_user_text(r["messages"]) for path in exclude for r in io.read_jsonl(path, "chat")}
-    rng = random.Random(seed)
-    names = sorted(task_mix)
-    weights = [task_mix[t] for t in names]
-    rows: list[dict] = []
-    for _ in range(n * 50):
-        if len(rows) == n:
-            break
-        row = tasks.make_prompt(rng.choices(names, weights)[0], rng)
-        if _user_text(row["messages"]) in seen:
-            continue
-        seen.add(_user_text(row["messages"]))
-        rows.append({"id": f"{prefix}-{row['task']}-{len(rows):05d}"} | row)
+    """`n` distinct task-suite prompts (ids `<prefix>-<task>-<i>`), none of them in the `exclude` files: drawn as
+    `prepare` draws its splits (`tasks.draw`)."""
+    seen = {io.prompt_key(r) for path in exclude for r in io.read_jsonl(path, "chat")}
+    used = len(seen)
+    rows = [{"id": f"{prefix}-{row['task']}-{i:05d}"} | row
+            for i, row in enumerate(tasks.draw(random.Random(seed), task_mix, n, seen))]
     if len(rows) < n:
         raise ValueError(f"{prefix}: only {len(rows)} new prompts exist for task_mix {task_mix} outside "
-                         f"{len(seen)} used ones, {n} asked")
+                         f"{used} used ones, {n} asked")
     return rows
 
 

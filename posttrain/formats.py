@@ -297,13 +297,6 @@ FORMATS: dict[str, Format] = {
 }
 
 
-def prompt_key(row: dict) -> str:
-    """What makes two rows the same prompt: the conversation up to the answer."""
-    msgs = row["prompt"] if "prompt" in row else row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" \
-        else row["messages"]
-    return json.dumps(msgs, sort_keys=True)
-
-
 def convert(rows: list[dict], name: str, source: str) -> tuple[list[dict], Counter]:
     """Each raw row through `FORMATS[name]`: the kept rows (with `id`: the row's own, else `row-<n>`) and the
     drop counts. A malformed row raises InputError naming the source, the 1-based row and the field."""
@@ -319,7 +312,7 @@ def convert(rows: list[dict], name: str, source: str) -> tuple[list[dict], Count
         except Drop as d:
             dropped[d.reason] += 1
             continue
-        key = prompt_key(item)
+        key = io.prompt_key(item)
         if key in seen:
             dropped["duplicate_prompt"] += 1
             continue

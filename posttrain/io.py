@@ -120,6 +120,15 @@ def check_rows(source: Any, rows: list[dict], schema: str) -> list[dict]:
     return rows
 
 
+def prompt_key(row: dict) -> str:
+    """A prompt's identity, the one test of 'the same prompt' (splits, duplicates, fresh rounds): the conversation
+    up to the answer, from a row's `prompt` (pairs) or its `messages` (prompts, samples, SFT demos: the final
+    assistant turn dropped)."""
+    msgs = row["prompt"] if "prompt" in row else row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" \
+        else row["messages"]
+    return json.dumps(msgs, sort_keys=True)
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 

@@ -355,6 +355,25 @@ NEAR_MISS_DELTAS = [-11, -10, -9, -2, -1, 1, 2, 9, 10, 11]
 """Off by a carry or a digit: the errors small models make."""
 
 
+def draw(rng: random.Random, task_mix: dict[str, float], n: int, seen: set[str]) -> list[dict]:
+    """`n` prompts (`make_prompt` rows) of tasks drawn by weight from `task_mix`, none whose `io.prompt_key` is in
+    `seen` (which grows with them); fewer when the mix has no more distinct prompts within n * 50 draws."""
+    from posttrain import io
+
+    names = sorted(task_mix)
+    weights = [task_mix[t] for t in names]
+    rows: list[dict] = []
+    for _ in range(n * 50):
+        if len(rows) == n:
+            break
+        row = make_prompt(rng.choices(names, weights)[0], rng)
+        if io.prompt_key(row) in seen:
+            continue
+        seen.add(io.prompt_key(row))
+        rows.append(row)
+    return rows
+
+
 def near_miss(spec: dict, rng: random.Random, step: int | None = None) -> str | None:
     """A plausible wrong answer for number and worked tasks (None for the others). A worked one has one slipped
     step (`step`, default a random one; the `Answer:` line is step len(plan)) whose error propagates."""

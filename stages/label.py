@@ -60,7 +60,7 @@ def make_pairs(rows: list[dict], scores: list[list[float]], gap: float) -> tuple
     seen: set[str] = set()
     pairs = []
     for row, row_scores in zip(rows, scores, strict=True):
-        key = row["messages"][-1]["content"]
+        key = io.prompt_key(row)
         if key in seen:
             dropped["duplicate_prompt"] += 1
             continue

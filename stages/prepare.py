@@ -101,25 +101,10 @@ class PrepareParams:
                     raise ValueError(f"reasoning_gym.{name}: expected {{size: int >= 1, config: mapping}}, got {spec}")
 
 
-def _key(row: dict) -> str:
-    return row["messages"][-1]["content"]
-
-
 def builtin(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
     rng = random.Random(seed)
-    names = sorted(params.task_mix)
-    weights = [params.task_mix[n] for n in names]
     need = params.n_train + params.n_eval + params.n_sft
-    seen: set[str] = set()
-    rows: list[dict] = []
-    for _ in range(need * 50):
-        if len(rows) == need:
-            break
-        row = tasks.make_prompt(rng.choices(names, weights)[0], rng)
-        if _key(row) in seen:  # distinct prompts, so no eval prompt is ever trained on
-            continue
-        seen.add(_key(row))
-        rows.append(row)
+    rows = tasks.draw(rng, params.task_mix, need, set())  # distinct prompts: no eval prompt is ever trained on
     if len(rows) < need:
         raise ValueError(f"prepare: only {len(rows)} distinct prompts exist for task_mix {params.task_mix}, "
                          f"{need} asked (n_train + n_eval + n_sft)")
@@ -148,14 +133,14 @@ def reward_pairs(params: PrepareParams, seed: int, taken: set[str]) -> list[dict
             break
         task = rng.choices(names, weights)[0]
         row, other = tasks.make_prompt(task, rng), tasks.make_prompt(task, rng)
-        if _key(row) in taken:
+        if io.prompt_key(row) in taken:
             continue
         chosen = tasks.solve(row["verifier"], rng)
         rejected = tasks.near_miss(row["verifier"], rng) or tasks.solve(other["verifier"], rng)
         good, bad = tasks.score(row["verifier"], chosen), tasks.score(row["verifier"], rejected)
         if good <= bad or chosen.strip() == rejected.strip():
             continue
-        taken.add(_key(row))
+        taken.add(io.prompt_key(row))
         pairs.append({"id": f"rm-{task}-{len(pairs):05d}", "prompt": row["messages"], "chosen": chosen,
                       "rejected": rejected, "chosen_score": good, "rejected_score": bad})
     return pairs
@@ -178,10 +163,10 @@ def from_reasoning_gym(params: PrepareParams, seed: int) -> tuple[list[dict], li
     rows, seen, dropped = [], set(), Counter()
     for name, spec in sorted(params.reasoning_gym.items()):
         for row in reasoning_gym.prompts(name, spec.get("config", {}), seed, spec["size"]):
-            if _key(row) in seen:
+            if io.prompt_key(row) in seen:
                 dropped["duplicate_prompt"] += 1
                 continue
-            seen.add(_key(row))
+            seen.add(io.prompt_key(row))
             rows.append(row)
     rng = random.Random(seed)
     rng.shuffle(rows)
@@ -253,8 +238,8 @@ def external(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], 
         if formats.FORMATS[sft_name].kind != "sft":
             raise io.InputError(f"{params.sft_source}: prepare.sft_source must hold SFT demos (messages or "
                                 f"prompt_completion), got {sft_name!r}")
-        held = {formats.prompt_key({"prompt": r["messages"]}) for r in eval_rows}
-        kept = [d for d in demos if formats.prompt_key(d) not in held]
+        held = {io.prompt_key(r) for r in eval_rows}
+        kept = [d for d in demos if io.prompt_key(d) not in held]
         sft_dropped["eval_prompt"] += len(demos) - len(kept)  # never train on a held-out prompt
         demos = kept
         stats |= {"sft_source": params.sft_source, "sft_format": sft_name, "sft_dropped": dict(sft_dropped)}
@@ -270,7 +255,7 @@ def run(common, params: PrepareParams, args) -> dict:
     heldout: list[dict] = []
     if params.source == "builtin":
         train, eval_rows, sft, stats = builtin(params, common.seed)
-        taken = {_key(r) for r in train + eval_rows} | {r["messages"][-2]["content"] for r in sft}
+        taken = {io.prompt_key(r) for r in train + eval_rows + sft}
         rm = reward_pairs(params, common.seed, taken)
     elif params.source == "reasoning_gym":
         train, eval_rows, sft, rm, stats = from_reasoning_gym(params, common.seed)

@@ -266,7 +266,8 @@ def test_heldout_pair_metrics_equal_a_plain_forward(workdir):
     tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
     model = modeling.load_chain(workdir / "models/base", torch.device("cpu"))
     pairs = _load(FORMATS_DIR / "preference.jsonl")[1][:5]
-    got = evaluate.heldout_pairs(model, tok, pairs, max_len=96, batch_size=2, source="heldout_prefs.jsonl")
+    got, sums = evaluate.heldout_pairs(model, tok, pairs, max_len=96, batch_size=2, source="heldout_prefs.jsonl",
+                                       n_boot=200, seed=0)
     totals, counts, wins = {"chosen": 0.0, "rejected": 0.0}, {"chosen": 0, "rejected": 0}, 0
     for pair in pairs:
         prompt = tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True,
@@ -288,6 +289,10 @@ def test_heldout_pair_metrics_equal_a_plain_forward(workdir):
     for side in ("chosen", "rejected"):
         assert got[f"heldout_{side}_ppl"] == pytest.approx(math.exp(-totals[side] / counts[side]), rel=1e-4)
     assert got["heldout_pref_accuracy"] == wins / 5
+    lo, hi = got["heldout_pref_accuracy_ci"]
+    assert lo <= wins / 5 <= hi
+    for side in ("chosen", "rejected"):  # what report's implicit-reward accuracy reads, per pair
+        assert sum(s[side] for s in sums) == pytest.approx(totals[side], rel=1e-4)
 
 
 @pytest.mark.parametrize("heldout", [True, False], ids=["heldout-pairs", "prompts-only"])

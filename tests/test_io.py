@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from posttrain import io
+from posttrain import io, judges
 from stages import label
 
 GOOD_PROMPT = {"id": "a", "task": "add", "messages": [{"role": "user", "content": "1+1?"}],
@@ -66,16 +66,22 @@ def test_label_counts_every_drop():
         row | {"id": "r4", "messages": [{"role": "user", "content": "3+3?"}],
                "verifier": {"type": "number", "answer": 6}, "samples": ["", "6"]},  # one non-empty response left
     ]
-    pairs, dropped = label.make_pairs(rows, label.verifier_scores(rows, "samples.jsonl"), gap=0.5)
+    scores = judges.VerifierJudge().scores(rows, [r["samples"] for r in rows])
+    pairs, dropped = label.make_pairs(rows, scores, gap=0.5)
     assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("r1", "2", "3")]
     assert pairs[0]["rejected_score"] == pytest.approx(0.25)
     assert dropped == {"duplicate_prompt": 1, "tie": 1, "empty_response": 2, "fewer_than_two_responses": 1}
 
 
-def test_label_names_a_bad_verifier():
-    rows = [GOOD_PROMPT | {"verifier": {"type": "number"}, "samples": ["1", "2"]}]
-    with pytest.raises(io.InputError, match=r"samples.jsonl: row 1: field 'verifier': KeyError"):
-        label.verifier_scores(rows, "samples.jsonl")
+def test_label_names_a_bad_verifier(tmp_path):
+    from tests.conftest import tiny_params
+
+    path = tmp_path / "samples.jsonl"
+    io.write_jsonl(path, [GOOD_PROMPT | {"id": "a", "samples": ["1", "2"]},
+                          GOOD_PROMPT | {"id": "b", "verifier": {"type": "number"}, "samples": ["1", "2"]}])
+    with pytest.raises(SystemExit, match=rf"{path}: row 2: field 'verifier': KeyError"):
+        label.main(["--params", str(tiny_params(tmp_path)), "--samples", str(path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
