@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from posttrain import config, modeling
+from posttrain import config, modeling, plots
 from stages import evaluate, merge, prepare, report
 from tests.conftest import tiny_params
 
@@ -185,7 +185,7 @@ def test_evaluate_measures_the_tax_and_report_plots_it(staged, workdir):
     assert table["base"]["alignment_tax"] == 0.0
     assert table["wise_30"]["alignment_tax"] == pytest.approx(m["wise_30"]["general_ppl"] / m["base"]["general_ppl"]
                                                               - 1)
-    assert report.wise_lines(table) == [["base", "wise_30", "aligned"]]
+    assert plots.wise_lines(table) == [["base", "wise_30", "aligned"]]
     assert (w / "reports/pareto.png").read_bytes()[:4] == b"\x89PNG"
     text = (w / "reports/report.md").read_text()
     shipped = report.ship(table, "base", 0.05)

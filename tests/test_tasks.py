@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from posttrain import tasks
+from posttrain import tasks, worked
 
 RG_SPEC = {"type": "reasoning_gym", "dataset": "chain_sum", "config": {"min_terms": 2, "max_terms": 2}, "seed": 0,
            "size": 5, "index": 0, "answer": "-3579"}
@@ -146,7 +146,7 @@ def test_worked_near_miss_slips_exactly_the_chosen_step(task):
             judged = tasks.steps(spec, miss)
             assert judged.step_scores == [i != j for i in range(n)]
             assert not judged.final_correct
-            assert judged.first_wrong_span == tasks._lines(miss)[j]  # the j-th line: the answer line for j = n - 1
+            assert judged.first_wrong_span == worked._lines(miss)[j]  # the j-th line: the answer line for j = n - 1
             assert tasks.score(spec, miss) == pytest.approx(0.5 * (n - 1) / n)
     with pytest.raises(ValueError, match="step must be in"):
         tasks.near_miss(spec, rng, step=n)
