@@ -315,7 +315,9 @@ def test_report_without_verifiers_shows_what_was_measured(tmp_path, mlflow_db, h
         assert rows == ["| base | 0.250 | 7.50 | 9.00 | 3.0 | 20.00 | +0.0% |",
                         "| sft | 0.750 | 7.50 | 9.00 | 5.0 | 22.00 | +10.0% |"]
     else:
-        assert rows == ["| base | - | - | - | 3.0 | 20.00 | +0.0% |", "| sft | - | - | - | 5.0 | 22.00 | +10.0% |"]
+        # only the columns that apply: nothing was measured on pairs, so no pair columns at all
+        assert rows == ["| base | 3.0 | 20.00 | +0.0% |", "| sft | 5.0 | 22.00 | +10.0% |"]
+        assert "| model | mean length | general ppl | tax vs base |" in text
     assert "**Ship: none**" in text
     table = json.loads((tmp_path / "reports/metrics.json").read_text())
     assert "pass_rate" not in table["sft"] and table["sft"]["alignment_tax"] == pytest.approx(0.1)

@@ -32,7 +32,7 @@ def _kill_after(proc: subprocess.Popen, ckpt: Path, step: int, last: int) -> Non
     while not (ckpt / f"checkpoint-{step}").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.2)
-    time.sleep(1.0)  # mid-way through the steps after it
+    time.sleep(0.2)  # into the steps after it (a tiny model's step takes tens of milliseconds on an idle machine)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = get_last_checkpoint(str(ckpt))
@@ -77,7 +77,7 @@ def test_sigkilled_dpo_resumes_to_the_same_weights(workdir, tmp_path):
     a stale temp folder of a save killed earlier (`.<name>.tmp-<dead pid>`) is cleaned by the re-run."""
     from stages import prepare, reference
 
-    params = tiny_params(tmp_path, dpo={"defaults": {"epochs": 3.0, "save_steps": 2, "batch_size": 4,
+    params = tiny_params(tmp_path, dpo={"defaults": {"epochs": 10.0, "save_steps": 2, "batch_size": 4,
                                                      "learning_rate": 1e-3}, "variants": {"dpo": {"loss": "dpo"}}})
     prepare.main(["--params", str(params), "--out", str(tmp_path / "prepare")])
     prefs, ref = tmp_path / "prepare" / "rm_prefs.jsonl", tmp_path / "reference"
@@ -95,7 +95,7 @@ def test_sigkilled_dpo_resumes_to_the_same_weights(workdir, tmp_path):
     killed = tmp_path / "killed"
     proc = dpo(killed)
     ckpt = Path(f"{killed}.ckpt")
-    _kill_after(proc, ckpt, 4, 12)  # 16 pairs / batch 4 = 4 steps an epoch, 12 in all
+    _kill_after(proc, ckpt, 4, 40)  # 16 pairs / batch 4 = 4 steps an epoch, 40 in all: seconds left to kill it in
     assert not killed.exists(), "a killed stage must leave no output that DVC could take as complete"
     stale = tmp_path / f".killed.tmp-{proc.pid}"  # what a kill inside the final save leaves: a partial temp folder
     stale.mkdir()
