@@ -45,9 +45,7 @@ def run(common, params: GenerateParams, args) -> dict:
         print("generate: prepare.pairs is 'dataset': the data set's pairs are used, nothing sampled")
         return {"prompts": len(prompts), "samples": 0, "passed_through": 1}
     device = modeling.device_for(common.device)
-    base, _ = modeling.model_chain(args.model)
-    tok = modeling.load_tokenizer(base)
-    modeling.check_template(tok)
+    tok = modeling.stage_tokenizer(args.model)
     model = modeling.load_chain(args.model, device, common.trust_remote_code)
     backend = sampling.backend_for(params.backend, device)
     t0 = time.perf_counter()
