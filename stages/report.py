@@ -44,7 +44,8 @@ class ReportParams:
     llm: LlmJudgeParams = field(default_factory=LlmJudgeParams)
     """The LLM judge (read only when `judges` names 'llm')."""
     order: list[str] | None = None
-    """Row order in the table (default: base, sft, then the rest by name)."""
+    """Rows to put first (default: base, sft); the rest follow as `row_order` derives them, so a new variant or
+    merge row needs no entry here."""
     tax_reference: str = "base"
     """Alignment tax = a model's general-text perplexity / this model's - 1 (the model before post-training)."""
     ship_max_ppl_increase: float = 0.05
@@ -250,11 +251,19 @@ def _data_lines(label_stats: str | None, prepare_stats: str | None) -> list[str]
     return lines
 
 
+def row_order(table: dict[str, dict], order: list[str] | None) -> list[str]:
+    """`order` (default base, sft), then the trained models by name, then the merges by method and alpha."""
+    first = [n for n in (order or ["base", "sft"]) if n in table]
+    rest = [n for n in table if n not in first]
+    merged = sorted((n for n in rest if "merge" in table[n]),
+                    key=lambda n: (table[n]["merge"]["method"], table[n]["merge"]["alpha"], n))
+    return first + sorted(n for n in rest if "merge" not in table[n]) + merged
+
+
 def run(common, params: ReportParams, args) -> dict:
     evals, out = Path(args.evals), Path(args.out)
     table = build(evals, params.reference, 1000, common.seed)
-    first = [n for n in (params.order or ["base", "sft"]) if n in table]
-    names = first + sorted(n for n in table if n not in first)
+    names = row_order(table, params.order)
     add_tax(table, params.tax_reference, evals)
     gold = "pass_rate" in table[params.reference]
     shipped = ship(table, params.reference, params.ship_max_ppl_increase) if gold else None

@@ -121,6 +121,23 @@ def test_unreadable_params_file_is_named(tmp_path):
         config.read_yaml(path)
 
 
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_evaluate_models_are_exactly_the_trained_and_merged_ones(path):
+    """dvc.yaml's `foreach` needs one collection, so `evaluate.models` is written out; it names base/sft, every dpo
+    variant and merge rows, each at the folder its stage writes (every merge row too in params.yaml; a profile may
+    leave merges out to save time), and report derives its row order itself."""
+    data = config.read_yaml(path)
+    variants = {v: f"models/dpo/{v}" for v in data["dpo"]["variants"]}
+    merges = {m: f"models/merge/{m}" for m in data["merge"]["models"]}
+    models = data["evaluate"]["models"]
+    rest = {k: v for k, v in models.items() if k not in ("base", "sft")}
+    assert variants.items() <= rest.items() and rest.items() <= (variants | merges).items()
+    if path.name == "params.yaml":
+        assert rest == variants | merges
+    assert models["sft"] == "models/sft" and models.get("base", "models/base") == "models/base"
+    assert "order" not in data["report"], "report.order is derived (stages/report.py row_order)"
+
+
 def test_default_runs_every_loss_and_evaluates_every_variant():
     """params.yaml has a dpo variant per loss in LOSSES, each evaluated; TGDPO rows name a guidance source."""
     _, params = config.load(dpo.DpoParams, "dpo", ROOT / "params.yaml")
