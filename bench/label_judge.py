@@ -2,10 +2,11 @@
 `label.judge` set to another judge on a reproduced pipeline's samples, against the gold verifier.
 
     python -m bench.label_judge --repo bench/work/pipeline --judge reward_model   # after `dvc repro` there
+    python -m bench.label_judge --repo bench/work/pipeline --judge reward_model --min-prob 0.95
 
-Writes bench/results/label_<judge>.json: the pairs the judge kept, their `gold_agreement` (the share whose chosen
-response the verifier also scores higher: stages/label.py), the drop counts, and the same for the verifier judge
-from the pipeline's own `data/label/stats.json`, for comparison.
+Writes bench/results/label_<judge>[_p<min_prob>].json: the pairs the judge kept, their `gold_agreement` (the share
+whose chosen response the verifier also scores higher: stages/label.py), the drop counts, and the same for the
+verifier judge from the pipeline's own `data/label/stats.json`, for comparison.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", required=True, help="a repo where `dvc repro` ran (samples, reward model)")
     p.add_argument("--judge", default="reward_model", help="a key of posttrain.judges.JUDGES")
-    p.add_argument("--out", default=None, help="results file (default bench/results/label_<judge>.json)")
+    p.add_argument("--min-prob", type=float, default=None, help="label.min_prob (default: the repo's)")
+    p.add_argument("--out", default=None, help="results file (default bench/results/label_<judge>[_p<min_prob>].json)")
     p.add_argument("--allow-dirty", action="store_true", help="write from a dirty git tree (recorded)")
     args = p.parse_args(argv)
     machine.require_clean(args.allow_dirty)
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["label"]["judge"] = args.judge
+        if args.min_prob is not None:
+            params["label"]["min_prob"] = args.min_prob
         params["common"]["mlflow_uri"] = f"sqlite:///{tmp}/mlflow.db"  # the repo's own store stays as it was
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
         t0 = time.perf_counter()
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     gold = json.loads((repo / "data" / "label" / "stats.json").read_text())
     results = {"judge": args.judge, "label_params": params["label"], "seconds": round(seconds, 1), "judged": judged,
                "verifier": gold}
-    out = args.out or f"bench/results/label_{args.judge}.json"
+    out = args.out or f"bench/results/label_{args.judge}{'' if args.min_prob is None else f'_p{args.min_prob}'}.json"
     machine.write_results(out, results, allow_dirty=args.allow_dirty)
     print(f"{args.judge}: {judged['pairs']} pairs kept, gold agreement {judged.get('gold_agreement')}; "
           f"verifier: {gold['pairs']} pairs")
