@@ -107,15 +107,16 @@ def add_judged(table: dict[str, dict], evals: Path, params: ReportParams, prompt
     import math
 
     ref = params.reference
-    answers = {n: {a["id"]: a for a in io.read_jsonl(evals / n / "answers.jsonl", "answers")} for n in table}
+    rows = {n: io.read_jsonl(evals / n / "answers.jsonl", "answers") for n in table}
+    answers = {n: {a["id"]: a for a in r} for n, r in rows.items()}
     ids = sorted(answers[ref])
     if "reward_model" in params.judges:
-        for n in table:
-            missing = [i for i in ids if "reward" not in answers[n][i]]
+        for n in table:  # every model first: the reference's rewards enter every win rate
+            missing = next((i for i, a in enumerate(rows[n], start=1) if "reward" not in a), None)
             if missing:
-                raise io.InputError(f"{evals / n / 'answers.jsonl'}: row {ids.index(missing[0]) + 1}: field "
-                                    "'reward': missing: set evaluate.reward_model: true for report.judges "
-                                    "'reward_model'")
+                raise io.InputError(f"{evals / n / 'answers.jsonl'}: row {missing}: field 'reward': missing: set "
+                                    "evaluate.reward_model: true for report.judges 'reward_model'")
+        for n in table:
             p = [1 / (1 + math.exp(answers[ref][i]["reward"] - answers[n][i]["reward"])) for i in ids]
             table[n]["win_rate_rm"], table[n]["win_rate_rm_ci"] = _mean_ci(p, n_boot, common.seed)
             table[n]["mean_reward"], table[n]["mean_reward_ci"] = _mean_ci(

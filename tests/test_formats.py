@@ -322,3 +322,21 @@ def test_report_without_verifiers_shows_what_was_measured(tmp_path, mlflow_db, h
     table = json.loads((tmp_path / "reports/metrics.json").read_text())
     assert "pass_rate" not in table["sft"] and table["sft"]["alignment_tax"] == pytest.approx(0.1)
     assert (tmp_path / "reports/pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_names_the_answer_without_a_reward(tmp_path, mlflow_db):
+    """report.judges 'reward_model' needs evaluate.reward_model's per-answer rewards: the first answer lacking one
+    is named by file, row (its line in answers.jsonl) and field."""
+    from stages import report
+
+    evals = tmp_path / "evals"
+    for name in ("base", "sft"):
+        rows = [{"id": f"q{i}", "task": "external", "response": "x", "score": None, "passed": None, "length": 1,
+                 "reward": 0.5} for i in range(3)]
+        if name == "sft":
+            del rows[1]["reward"]
+        io.write_jsonl(evals / name / "answers.jsonl", rows)
+        io.write_json(evals / name / "metrics.json", {"general_ppl": 20.0, "model": f"models/{name}"})
+    params = tiny_params(tmp_path, common={"mlflow_uri": mlflow_db}, report={"judges": ["reward_model"]})
+    with pytest.raises(SystemExit, match=r"sft/answers.jsonl: row 2: field 'reward': missing"):
+        report.main(["--params", str(params), "--evals", str(evals), "--out", str(tmp_path / "reports")])
