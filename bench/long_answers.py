@@ -48,6 +48,11 @@ from posttrain import credit, io, modeling, preference, stats, tasks
 from posttrain import token_reward as tr
 from stages import dpo, evaluate, guidance, token_reward
 
+VARIANTS = {"dpo": {"loss": "dpo", "guidance": "data/reference"},
+            "tgdpo": {"loss": "tgdpo", "guidance": "data/guidance/dpo"},
+            "tgdpo_token": {"loss": "tgdpo", "guidance": "data/guidance/token_reward"}}
+"""The dpo variants every method trains as (the guidance folder is passed per run), whatever the profile lists."""
+
 GOAL = 0.03
 """The issue's bar: TGDPO - DPO >= +3 pass-rate points, with the paired 95% interval above 0."""
 
@@ -170,9 +175,11 @@ def reusable(repo: Path, params: dict, seed: int, scales: list[float]) -> dict[s
 def run_seed(repo: Path, params: dict, seed: int, scales: list[float], learned: dict, work: Path) -> dict:
     """Train and evaluate every method for one seed. Returns per method its model and answers file, and the
     path of this seed's DPO-induced r_hat."""
-    p = write_params(work / "params.yaml", bench_params(repo, params, seed))
     reused = reusable(repo, params, seed, scales)
     model_of = lambda m: repo / f"models/dpo/{reused[m]}" if m in reused else work / f"models/{m}"  # noqa: E731
+    p = write_params(work / "params.yaml", bench_params(
+        repo, params, seed, dpo={"variants": VARIANTS},
+        guidance={"sources": {"dpo": {"kind": "dpo", "model": str(model_of("dpo"))}}}))
     _train(p, "dpo", repo, repo / "data/reference", model_of("dpo"))
     theirs = repo / "data/guidance/dpo"
     dpo_rhat = _guidance(p, "dpo", model_of("dpo"), repo,
@@ -268,6 +275,15 @@ def picture(pairs: list[dict], located: list[dict], dpo_rhat: Path, learned_rhat
     return bool(panels)
 
 
+def pipeline_state(repo: Path) -> dict:
+    """Which pipeline the figures stand on: the repo's revision, and which profile its params.yaml is."""
+    sha, dirty = machine.git_state(repo)
+    params = (repo / "params.yaml").read_text()
+    same = [p.name for p in sorted((repo / "profiles").glob("*.yaml")) if p.read_text() == params]
+    return {"git_revision": sha, "changed_files": [ln[3:] for ln in dirty][:20],
+            "params_profile": same[0] if same else None}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", default=".", help="a repo where `dvc repro` has run with profiles/long.yaml")
@@ -312,7 +328,8 @@ def main(argv=None) -> dict:
                     f"learned token reward ({own})", tok, max_len, args.examples, args.plot)
 
     goal = {m: goal_met(d["pass"]) for m, d in paired.items()}
-    results = {"repo": str(repo), "seeds": args.seeds, "scales": args.scales, "methods": methods,
+    results = {"repo": str(repo), "pipeline": pipeline_state(repo), "seeds": args.seeds, "scales": args.scales,
+               "methods": methods,
                "eval_prompts": len(worked_eval), "pairs": len(pairs), "pairs_located": len(located),
                "pairs_skipped": dict(skipped), "goal": {"tgdpo_minus_dpo_pass_at_least": GOAL, "met": goal},
                "end_scores": end, "paired_vs_dpo": paired, "blame": blame, "displacement": displacement,
