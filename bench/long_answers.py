@@ -2,6 +2,10 @@
 
     cp profiles/long.yaml params.yaml && dvc repro     # the pipeline this reads (about an hour on 2 CPU cores)
     python -m bench.long_answers --repo .               # then this (about 2 hours on 2 CPU cores)
+
+That run's tree is dirty (params.yaml is the profile), so for a results file with a clean revision run a clean
+checkout's script from the pipeline repo's root, with only that checkout on the import path:
+    cd run && PYTHONPATH=/path/to/clean python /path/to/clean/bench/long_answers.py --repo . --out /path/to/clean/...
     python -m bench.long_answers --repo . --seeds 0 1 2 --scales 1 4 10
 
 Methods, each trained from the pipeline's SFT model on the pipeline's pairs (data/label/prefs.jsonl) with its
@@ -33,6 +37,7 @@ Writes `--out` (bench/results/long_answers.json) through `bench.machine.write_re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -52,6 +57,10 @@ VARIANTS = {"dpo": {"loss": "dpo", "guidance": "data/reference"},
             "tgdpo": {"loss": "tgdpo", "guidance": "data/guidance/dpo"},
             "tgdpo_token": {"loss": "tgdpo", "guidance": "data/guidance/token_reward"}}
 """The dpo variants every method trains as (the guidance folder is passed per run), whatever the profile lists."""
+
+CODE = Path(__file__).resolve().parents[1]
+"""This checkout; the provenance (revision, dirty flag) is its own, not the pipeline repo's (whose params.yaml is the
+long profile, so dirty by construction): run the script of a clean checkout from the pipeline repo's root."""
 
 GOAL = 0.03
 """The issue's bar: TGDPO - DPO >= +3 pass-rate points, with the paired 95% interval above 0."""
@@ -334,7 +343,9 @@ def main(argv=None) -> dict:
                "pairs_skipped": dict(skipped), "goal": {"tgdpo_minus_dpo_pass_at_least": GOAL, "met": goal},
                "end_scores": end, "paired_vs_dpo": paired, "blame": blame, "displacement": displacement,
                "plot": args.plot if drawn else None, "wall_s": round(time.perf_counter() - t0, 1)}
-    machine.write_results(args.out, results, argv=sys.argv, allow_dirty=args.allow_dirty)
+    out = Path(args.out).resolve()
+    with contextlib.chdir(CODE):  # provenance names the code that ran, which may sit outside the pipeline's repo
+        machine.write_results(out, results, argv=sys.argv, allow_dirty=args.allow_dirty)
     print(json.dumps({"paired_vs_dpo": paired, "goal_met": goal}, indent=1))
     return results
 
