@@ -218,12 +218,6 @@ def policy_logps(model_dir: Path, tok, rows: list[dict], common: dict, cache: Pa
     return preference.read_token_values(cache)
 
 
-def pick_examples(located: list[dict], n: int) -> list[dict]:
-    """The first `n` rejected responses (by id) whose first wrong step is not the first line: they share correct
-    steps with the chosen answer, where sequence-level and token-level credit differ."""
-    return [r for r in sorted(located, key=lambda r: r["id"]) if r["wrong"] is not None and r["wrong"][0] > 0][:n]
-
-
 def end_results(runs: dict, methods: list[str], specs: dict[str, dict], n_boot: int) -> tuple[dict, dict]:
     """Per method the pass rate and mean step score; per TGDPO method its difference from DPO, paired."""
     seeds = sorted(runs)
@@ -272,7 +266,7 @@ def picture(pairs: list[dict], located: list[dict], dpo_rhat: Path, learned_rhat
     induced, learned = preference.read_token_values(dpo_rhat), preference.read_token_values(learned_rhat)
     by_id = {pr["id"]: pr for pr in pairs}
     panels = []
-    for ex in pick_examples([r for r in located if r["id"] in induced and r["id"] in learned], n):
+    for ex in credit.pick_examples([r for r in located if r["id"] in induced and r["id"] in learned], n):
         pair, i = by_id[ex["id"]], ex["id"]
         panels += [credit.panel(f"{i} chosen, DPO-induced r_hat", pair["chosen"],
                                 credit.token_spans(tok, pair, "chosen", max_len), induced[i]["chosen"], None),

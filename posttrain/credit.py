@@ -158,6 +158,12 @@ def attach(located: list[dict], values: dict[str, dict], key: str) -> list[dict]
     return [r | {key: values[r["id"]]["rejected"]} for r in located]
 
 
+def pick_examples(located: list[dict], n: int) -> list[dict]:
+    """The first `n` rejected responses (by id) whose first wrong step is not the first line: they share correct
+    steps with the chosen answer, where sequence-level and token-level credit differ."""
+    return [r for r in sorted(located, key=lambda r: r["id"]) if r["wrong"] is not None and r["wrong"][0] > 0][:n]
+
+
 def panel(label: str, text: str, spans: list[Span | None], values: list[float], wrong: Span | None) -> dict:
     """One response for `plot_pairs`: its tokens as text pieces with their values, those in `wrong` marked."""
     keep = [(s, v) for s, v in zip(spans, values, strict=True) if s is not None]
@@ -177,6 +183,12 @@ def plot_pairs(panels: list[dict], path: str | Path, title: str) -> None:
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.patches import Rectangle
 
+    if not panels:  # still a picture, so a pipeline's output exists: it says there was nothing to draw
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, title, ha="center", va="center", fontsize=10)
+        _save(fig, path)
+        return
     norm, cmap = TwoSlopeNorm(vcenter=0.0, vmin=-1.0, vmax=1.0), plt.get_cmap("RdBu")
     cells, labels, row, width = [], [], 0, max(45, len(title))  # room for the colour bar's label and the title
     for p in panels:
@@ -215,6 +227,12 @@ def plot_pairs(panels: list[dict], path: str | Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, orientation="horizontal", fraction=0.04,
                  pad=0.02, label="r_hat / its panel's max |r_hat| (boxed: the first wrong step)")
+    _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -20,7 +20,8 @@ the table shows what `evaluate` measured instead (held-out chosen / rejected per
 whose chosen response the model prefers, mean response length, general perplexity and the alignment tax),
 `scores.png` plots held-out preference accuracy and chosen perplexity, `pareto.png` puts each model at (alignment
 tax, held-out preference accuracy), and no model is shipped by rule. `--prepare-stats` adds the data set's format
-and the rows prepare dropped, by reason.
+and the rows prepare dropped, by reason. `--credit` adds the `credit` stage's token-credit tables (blame
+localisation, shared-prefix displacement) and its picture, or one line saying no pair is of a worked task.
 """
 
 from __future__ import annotations
@@ -252,6 +253,30 @@ def _data_lines(label_stats: str | None, prepare_stats: str | None) -> list[str]
     return lines
 
 
+def credit_lines(path: str | None) -> list[str]:
+    """The `credit` stage's figures: blame localisation per guidance source, displacement per policy."""
+    if not path:
+        return []
+    m = json.loads(Path(path).read_text())
+    if not m["n"]:
+        return [f"Token credit: none of the {m['pairs']} pairs is of a worked task (an answer of steps the verifier "
+                "checks one by one), so there is no wrong step to blame; `profiles/long.yaml` has them.", ""]
+    ci = lambda d: _fmt(d["mean"], d["ci"])  # noqa: E731
+    lines = ["## Token credit on worked answers", "",
+             f"{m['n']} pairs of worked tasks. Blame: the share of rejected answers whose lowest-r_hat token lies in "
+             "their first wrong step, against chance (step tokens / answer tokens). Displacement: the mean change "
+             "from the reference of the log-probs of the rejected answers' tokens before their first wrong step "
+             "(sequence-level DPO pushes these correct steps down too; token guidance should push them less).", "",
+             "| guidance | answers | blame | chance | lift |", "|---|---|---|---|---|"]
+    lines += [f"| {s} | {b['n']} | {ci(b['hit_rate'])} | {ci(b['chance'])} | {ci(b['lift'])} |"
+              for s, b in m["blame"].items() if b["n"]]
+    lines += ["", "| policy | answers | displacement | minus dpo's (paired) |", "|---|---|---|---|"]
+    diff = m["displacement_minus_dpo"]
+    lines += [f"| {n} | {d['n']} | {ci(d)} | {ci(diff[n]) if n in diff and diff[n]['n'] else '-'} |"
+              for n, d in m["displacement"].items() if d["n"]]
+    return lines + ["", "![token credit](credit/pairs.png)", ""]
+
+
 def row_order(table: dict[str, dict], order: list[str] | None) -> list[str]:
     """`order` (default base, sft), then the trained models by name, then the merges by method and alpha."""
     first = [n for n in (order or ["base", "sft"]) if n in table]
@@ -272,7 +297,7 @@ def run(common, params: ReportParams, args) -> dict:
     lines = ["# posttrain report", "", _intro(table, names, params, gold), "", *table_lines(table, names, params),
              "", "![scores](scores.png)", "", *_ship_lines(shipped, params, gold), "", "![alignment tax](pareto.png)",
              ""]
-    lines += _data_lines(args.label_stats, args.prepare_stats)
+    lines += _data_lines(args.label_stats, args.prepare_stats) + credit_lines(args.credit)
     out.mkdir(parents=True, exist_ok=True)
     wr = f"win_rate_vs_{params.reference}"
     if gold:
@@ -300,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--label-stats", help="the label stage's stats.json, to report what was dropped and why")
     p.add_argument("--prepare-stats", help="the prepare stage's stats.json: the data set's format and its drops")
     p.add_argument("--prompts", help="the evaluated prompts (eval.jsonl), for report.judges 'llm'")
+    p.add_argument("--credit", help="the credit stage's metrics.json: token credit on worked answers")
     return cli.execute("report", ReportParams, p.parse_args(argv), run)
 
 

@@ -189,12 +189,10 @@ def test_bench_reuses_the_pipeline_models_of_its_own_seed(tmp_path):
     assert la.reusable(tmp_path, params, 1, [1.0]) == {}
 
 
-def test_bench_picks_examples_with_a_shared_prefix():
-    from bench import long_answers as la
-
+def test_pick_examples_with_a_shared_prefix():
     rows = [{"id": "c", "wrong": (14, 28)}, {"id": "a", "wrong": (0, 13)}, {"id": "b", "wrong": None},
             {"id": "d", "wrong": (29, 40)}, {"id": "e", "wrong": (5, 9)}]
-    assert [r["id"] for r in la.pick_examples(rows, 2)] == ["c", "d"]
+    assert [r["id"] for r in credit.pick_examples(rows, 2)] == ["c", "d"]
 
 
 def test_bench_refuses_a_repo_without_enough_worked_prompts(tmp_path):
@@ -218,3 +216,80 @@ def test_bench_refuses_a_repo_without_enough_worked_prompts(tmp_path):
     (tmp_path / "models/base").mkdir()
     with pytest.raises(SystemExit, match="2 held-out prompts of worked tasks, --min-eval 500"):
         la.main(["--repo", str(tmp_path)])
+
+
+# --- the credit stage, on the tiny model: hand-built guidance, a policy equal to the reference and one that is not --
+
+
+def _worked_pairs(n: int) -> tuple[list[dict], list[dict]]:
+    """Prompt rows (with verifiers) and pairs of worked tasks whose rejected answer slips at step 1 (not the first
+    line), so a token before the wrong step exists in each."""
+    rng, prompts, pairs = random.Random(3), [], []
+    for i in range(n):
+        row = tasks.make_prompt("chain_add" if i % 2 else "mul_steps", rng) | {"id": f"w{i}"}
+        prompts.append(row)
+        pairs.append({"id": row["id"], "prompt": row["messages"], "chosen": tasks.solve(row["verifier"]),
+                      "rejected": tasks.near_miss(row["verifier"], rng, step=1)})
+    return prompts, pairs
+
+
+def test_credit_stage_blames_where_the_guidance_points_and_measures_displacement(workdir, tmp_path):
+    import json
+    import shutil
+
+    from posttrain import io
+    from stages import credit as stage
+    from stages import reference, report
+    from tests.conftest import tiny_params
+
+    p = str(tiny_params(tmp_path, common={"max_len": 200}))
+    base = workdir / "models/base"
+    prompts, pairs = _worked_pairs(6)
+    io.write_jsonl(tmp_path / "train.jsonl", prompts)
+    io.write_jsonl(tmp_path / "prefs.jsonl", pairs)
+    reference.main(["--params", p, "--model", str(base), "--prefs", str(tmp_path / "prefs.jsonl"), "--out",
+                    str(tmp_path / "reference")])
+    tok = modeling.stage_tokenizer(base, padding_side="right")
+    located, _ = credit.locate(tok, pairs, {r["id"]: r["verifier"] for r in prompts}, 200)
+    first_wrong = {r["id"]: next(k for k, s in enumerate(r["spans"]) if s and s[1] > r["wrong"][0]) for r in located}
+    # source "step": lowest r_hat on the first token of the wrong step (hit); "start": on the answer's first token
+    # (a correct step here: miss)
+    for name, at in (("step", first_wrong), ("start", dict.fromkeys(first_wrong, 0))):
+        rows = [{"id": r["id"], "chosen": [0.0], "rejected": [-1.0 if k == at[r["id"]] else 0.0
+                                                              for k in range(len(r["spans"]))]} for r in located]
+        preference.write_token_values(tmp_path / f"guidance/{name}/rhat.jsonl", rows)
+    shutil.copytree(base, tmp_path / "policies/dpo")  # the reference itself: no displacement
+    other = modeling.load_chain(base)
+    with __import__("torch").no_grad():
+        other.lm_head.weight.add_(0.05 * __import__("torch").randn_like(other.lm_head.weight))
+    other.save_pretrained(tmp_path / "policies/noisy")
+    args = ["--params", p, "--model", str(base), "--prefs", str(tmp_path / "prefs.jsonl"), "--prompts",
+            str(tmp_path / "train.jsonl"), "--reference", str(tmp_path / "reference"), "--guidance",
+            str(tmp_path / "guidance"), "--policies", str(tmp_path / "policies"), "--out", str(tmp_path / "credit")]
+    stage.main(args)
+    m = json.loads((tmp_path / "credit/metrics.json").read_text())
+    assert m["n"] == 6 and m["skipped"] == {}
+    assert m["blame"]["step"]["hit_rate"]["mean"] == 1.0 and m["blame"]["start"]["hit_rate"]["mean"] == 0.0
+    chance = sum(credit.blame_one([0.0] * len(r["spans"]), r["spans"], r["wrong"])[1] for r in located) / 6
+    assert m["blame"]["step"]["chance"]["mean"] == pytest.approx(chance)
+    assert m["displacement"]["dpo"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    noisy = m["displacement"]["noisy"]
+    assert noisy["n"] == 6 and abs(noisy["mean"]) > 1e-3
+    assert m["displacement_minus_dpo"]["noisy"]["mean"] == pytest.approx(noisy["mean"], abs=1e-5)
+    assert (tmp_path / "credit/pairs.png").stat().st_size > 10_000
+    lines = "\n".join(report.credit_lines(str(tmp_path / "credit/metrics.json")))
+    assert "| step | 6 | 1.000 [1.000, 1.000] |" in lines and "| noisy | 6 |" in lines
+
+    # pairs of a task without steps: nothing to measure, no model loaded (the policies folder is not even there)
+    plain = [{"id": "a0", "prompt": PROMPT, "chosen": "85", "rejected": "86"}]
+    io.write_jsonl(tmp_path / "plain.jsonl", plain)
+    io.write_jsonl(tmp_path / "plain_train.jsonl", [tasks.make_prompt("add", random.Random(0)) | {"id": "a0"}])
+    swap = {str(tmp_path / a): str(tmp_path / b) for a, b in (("prefs.jsonl", "plain.jsonl"), ("policies", "absent"),
+                                                             ("train.jsonl", "plain_train.jsonl"), ("credit", "c0"))}
+    args = [swap.get(a, a) for a in args]
+    stage.main(args)
+    m = json.loads((tmp_path / "c0/metrics.json").read_text())
+    assert m == {"pairs": 1, "n": 0, "skipped": {"not_a_worked_task": 1}, "blame": {}, "displacement": {},
+                 "displacement_minus_dpo": {}}
+    assert (tmp_path / "c0/pairs.png").exists()
+    assert "none of the 1 pairs is of a worked task" in report.credit_lines(str(tmp_path / "c0/metrics.json"))[0]

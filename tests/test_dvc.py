@@ -18,7 +18,7 @@ from tests.conftest import STARTUP_S
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"prepare", "base", "sft", "generate", "reward_model", "label", "reference", "token_reward",
           "guidance@token_reward", "dpo@dpo", "dpo@tgdpo_token", "evaluate@base", "evaluate@sft", "evaluate@dpo",
-          "evaluate@tgdpo_token", "merge@wise_50", "evaluate@wise_50", "report"}
+          "evaluate@tgdpo_token", "merge@wise_50", "evaluate@wise_50", "credit", "report"}
 pytestmark = pytest.mark.slow
 
 
@@ -96,7 +96,7 @@ def test_recipe_flow_follows_dvc(repo):
     order = stage_order(repo)
     assert set(order) == STAGES
     for before, after in [("prepare", "sft"), ("reference", "dpo@dpo"), ("guidance@token_reward", "dpo@tgdpo_token"),
-                          ("evaluate@dpo", "report")]:
+                          ("evaluate@dpo", "report"), ("dpo@tgdpo_token", "credit"), ("credit", "report")]:
         assert order.index(before) < order.index(after)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["report"]["reference"] = "base"  # only the report must re-run
