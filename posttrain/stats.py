@@ -18,6 +18,19 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95)
     return float(lo), float(hi)
 
 
+def ratio_ppl_ci(nll_sums, token_counts, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval, resampling items (e.g. held-out responses), of the corpus perplexity
+    exp(sum of negative log-likelihoods / sum of tokens)."""
+    nll, n = np.asarray(nll_sums, dtype=float), np.asarray(token_counts, dtype=float)
+    if nll.size == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, nll.size, size=(n_boot, nll.size))
+    ppl = np.exp(nll[idx].sum(axis=1) / n[idx].sum(axis=1))
+    lo, hi = np.quantile(ppl, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
 def win_values(scores: list[float], ref_scores: list[float]) -> list[float]:
     """Per prompt: 1 where the model's gold score beats the reference's, 0.5 on a tie, 0 on a loss."""
     return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, ref_scores, strict=True)]

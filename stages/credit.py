@@ -6,7 +6,9 @@ steps (seed 000/001's mechanism, measured on the pipeline's own pairs; `posttrai
         --reference data/reference --guidance data/guidance --policies models/dpo --out reports/credit
 
 Reads the pairs of worked tasks (`tasks.PLANS`: a rejected answer whose first wrong step the verifier locates):
-- blame localisation, for each guidance source (`data/guidance/<source>/rhat.jsonl`): the share of rejected answers
+- blame localisation, for each guidance source (`data/guidance/<source>/rhat.jsonl`, those there are; dvc.yaml
+  does not list the folder, which a DPO-only recipe lacks: the guidance TGDPO trained with reaches this stage
+  through `models/dpo`): the share of rejected answers
   whose lowest-r_hat token lies in the first wrong step, against chance (step tokens / response tokens);
 - shared-prefix displacement, for each trained policy (`models/dpo/<variant>`): the mean change from the reference
   of the log-probs of the rejected answers' tokens before their first wrong step, and each minus `dpo`'s, paired by
@@ -39,7 +41,10 @@ class CreditParams:
 
 
 def folders(root: str, name: str) -> dict[str, Path]:
-    """Sub-folder name -> path, for the sub-folders of `root` holding `name` (or any, when name is '')."""
+    """Sub-folder name -> path, for the sub-folders of `root` holding `name` (or any, when name is ''); none when
+    `root` does not exist (no guidance.sources: a DPO-only recipe has no guidance folder)."""
+    if not Path(root).is_dir():
+        return {}
     return {d.name: d for d in sorted(Path(root).iterdir()) if d.is_dir() and (not name or (d / name).exists())}
 
 

@@ -81,7 +81,8 @@ def perplexity(model, tok, text: str, window: int) -> tuple[float, int]:
 
 def heldout_pairs(model, tok, pairs: list[dict], max_len: int, batch_size: int, source: str, n_boot: int,
                   seed: int) -> tuple[dict, list[dict]]:
-    """Perplexity of the chosen and the rejected responses of held-out pairs, and how often the chosen one has the
+    """Perplexity of the chosen and the rejected responses of held-out pairs (each with its 95% interval over
+    pairs), and how often the chosen one has the
     higher mean per-token log-prob (with its 95% interval); and per pair the summed log-probs of both sides."""
     rows, dropped = preference.encoded_rows(tok, pairs, max_len, source)
     logps = preference.completion_logps(model, tok, rows, batch_size)
@@ -89,6 +90,8 @@ def heldout_pairs(model, tok, pairs: list[dict], max_len: int, batch_size: int, 
     for side in ("chosen", "rejected"):
         n = sum(len(r[side]) for r in logps)
         out[f"heldout_{side}_ppl"] = math.exp(-sum(sum(r[side]) for r in logps) / n)
+        out[f"heldout_{side}_ppl_ci"] = stats.ratio_ppl_ci([-sum(r[side]) for r in logps],
+                                                           [len(r[side]) for r in logps], n_boot, seed)
     wins = [float(sum(r["chosen"]) / len(r["chosen"]) > sum(r["rejected"]) / len(r["rejected"])) for r in logps]
     out |= {"heldout_pref_accuracy": sum(wins) / len(wins),
             "heldout_pref_accuracy_ci": stats.bootstrap_ci(wins, n_boot, seed)}

@@ -60,12 +60,12 @@ class ReportParams:
             raise ValueError(f"ship_max_ppl_increase must be >= 0, got {self.ship_max_ppl_increase}")
 
 
-def _fmt(v: float, ci) -> str:
-    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+def _fmt(v: float, ci, digits: int = 3) -> str:
+    return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-HELDOUT = ("heldout_pref_accuracy", "heldout_pref_accuracy_ci", "heldout_chosen_ppl", "heldout_rejected_ppl",
-           "heldout_pairs")
+HELDOUT = ("heldout_pref_accuracy", "heldout_pref_accuracy_ci", "heldout_chosen_ppl", "heldout_chosen_ppl_ci",
+           "heldout_rejected_ppl", "heldout_rejected_ppl_ci", "heldout_pairs")
 """evaluate's measures on held-out preference pairs: what the table shows when there is no gold verifier."""
 
 
@@ -172,7 +172,7 @@ def ship(table: dict[str, dict], reference: str, max_increase: float) -> str | N
 
 def columns(params: ReportParams) -> list[tuple[str, str, str]]:
     """(key, header, format) of every column the table may show; a column shows when some model has its key.
-    Format 'ci' prints the value with its 95% interval (the key + '_ci')."""
+    Format 'ci' ('ci2': to 2 decimals) prints the value with its 95% interval (the key + '_ci')."""
     ref, tax = params.reference, params.tax_reference
     return [("pass_rate", "pass rate", "ci"), ("mean_score", "mean score", "ci"),
             (f"win_rate_vs_{ref}", f"win rate vs {ref} (gold)", "ci"),
@@ -180,8 +180,8 @@ def columns(params: ReportParams) -> list[tuple[str, str, str]]:
             ("win_rate_llm", f"win rate vs {ref} (LLM judge)", "ci"), ("mean_reward", "mean reward", "ci"),
             ("implicit_accuracy", f"held-out implicit-reward accuracy vs {ref}", "ci"),
             ("heldout_pref_accuracy", "held-out pref accuracy (likelihood)", "ci"),
-            ("heldout_chosen_ppl", "held-out chosen ppl", ".2f"),
-            ("heldout_rejected_ppl", "held-out rejected ppl", ".2f"),
+            ("heldout_chosen_ppl", "held-out chosen ppl", "ci2"),
+            ("heldout_rejected_ppl", "held-out rejected ppl", "ci2"),
             ("mean_length", "mean length", ".1f"), ("general_ppl", "general ppl", ".2f"),
             ("alignment_tax", f"tax vs {tax}", "pct")]
 
@@ -189,8 +189,9 @@ def columns(params: ReportParams) -> list[tuple[str, str, str]]:
 def _cell(r: dict, key: str, fmt: str) -> str:
     if key not in r:
         return "-"
-    if fmt == "ci":
-        return _fmt(r[key], r[key + "_ci"]) if key + "_ci" in r else f"{r[key]:.3f}"
+    if fmt in ("ci", "ci2"):  # the value with its 95% interval, to 3 (or 2) decimals
+        digits = 3 if fmt == "ci" else 2
+        return _fmt(r[key], r[key + "_ci"], digits) if key + "_ci" in r else f"{r[key]:.{digits}f}"
     return f"{100 * r[key]:+.1f}%" if fmt == "pct" else format(r[key], fmt)
 
 

@@ -16,7 +16,7 @@ from tests.test_dvc import DVC, _ran, _run
 
 pytestmark = pytest.mark.slow
 COMMON = {"prepare", "base", "sft", "generate", "reward_model", "label", "reference", "token_reward", "dpo@dpo",
-          "evaluate@base", "evaluate@sft", "evaluate@dpo", "report"}
+          "evaluate@base", "evaluate@sft", "evaluate@dpo", "credit", "report"}
 
 
 def _repo(tmp, prepare: dict, **blocks):
@@ -69,6 +69,9 @@ def test_dataset_mode_from_a_trl_conversational_preference_file(tmp_path):
     for row in table.values():
         assert "pass_rate" not in row and row["n_gold"] == 0 and row["heldout_pairs"] == 4
         assert 0 <= row["heldout_pref_accuracy"] <= 1 and row["heldout_chosen_ppl"] > 1
+        for side in ("chosen", "rejected"):
+            lo, hi = row[f"heldout_{side}_ppl_ci"]
+            assert lo <= row[f"heldout_{side}_ppl"] <= hi and lo < hi
     answers = io.read_jsonl(repo / "reports/evaluate/dpo/answers.jsonl", "answers")
     assert len(answers) == 4 and all(a["score"] is None and a["passed"] is None for a in answers)
     # judged without a verifier: reward-model and LLM-judge win rates against sft, implicit-reward accuracy

@@ -336,6 +336,19 @@ def test_win_rate_counts_ties_as_half():
     assert lo == hi == 1.0
 
 
+def test_perplexity_interval_resamples_responses_not_tokens():
+    import math
+
+    from posttrain import stats
+
+    # nll sums 2 and 4 over 1 and 2 tokens: every resample has 2 nats a token, so the interval is one point
+    assert stats.ratio_ppl_ci([2.0, 4.0], [1, 2]) == pytest.approx((math.e ** 2, math.e ** 2))
+    # 1 and 4 nats over one token each: a resample of both copies of either (1/4 each) gives e or e^4, so the
+    # 2.5% and 97.5% quantiles are exactly those; the mix gives e^2.5
+    lo, hi = stats.ratio_ppl_ci([1.0, 4.0], [1, 1], n_boot=4000)
+    assert (lo, hi) == pytest.approx((math.e, math.e ** 4))
+
+
 def test_template_check_catches_double_bos_and_missing_eos(workdir):
     tok = modeling.load_tokenizer(workdir / "models/base")
     modeling.check_template(tok)  # the shipped SmolLM2 template is fine
