@@ -278,15 +278,6 @@ def picture(pairs: list[dict], located: list[dict], dpo_rhat: Path, learned_rhat
     return bool(panels)
 
 
-def pipeline_state(repo: Path) -> dict:
-    """Which pipeline the figures stand on: the repo's revision, and which profile its params.yaml is."""
-    sha, dirty = machine.git_state(repo)
-    params = (repo / "params.yaml").read_text()
-    same = [p.name for p in sorted((repo / "profiles").glob("*.yaml")) if p.read_text() == params]
-    return {"git_revision": sha, "changed_files": [ln[3:] for ln in dirty][:20],
-            "params_profile": same[0] if same else None}
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", default=".", help="a repo where `dvc repro` has run with profiles/long.yaml")
@@ -331,7 +322,7 @@ def main(argv=None) -> dict:
                     f"learned token reward ({own})", tok, max_len, args.examples, args.plot)
 
     goal = {m: goal_met(d["pass"]) for m, d in paired.items()}
-    results = {"repo": str(repo), "pipeline": pipeline_state(repo), "seeds": args.seeds, "scales": args.scales,
+    results = {"repo": str(repo), "pipeline": machine.repo_state(repo), "seeds": args.seeds, "scales": args.scales,
                "methods": methods,
                "eval_prompts": len(worked_eval), "pairs": len(pairs), "pairs_located": len(located),
                "pairs_skipped": dict(skipped), "goal": {"tgdpo_minus_dpo_pass_at_least": GOAL, "met": goal},
@@ -339,7 +330,8 @@ def main(argv=None) -> dict:
                "plot": args.plot if drawn else None, "wall_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out).resolve()
     with contextlib.chdir(CODE):  # provenance names the code that ran, which may sit outside the pipeline's repo
-        machine.write_results(out, results, argv=sys.argv, allow_dirty=args.allow_dirty)
+        machine.write_results(out, results, argv=machine.module_command("bench.long_answers", argv),
+                              allow_dirty=args.allow_dirty)
     print(json.dumps({"paired_vs_dpo": paired, "goal_met": goal}, indent=1))
     return results
 

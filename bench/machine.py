@@ -107,3 +107,12 @@ def require_clean(allow_dirty: bool) -> None:
     if dirty and not allow_dirty:
         raise SystemExit(f"error: the git tree is dirty ({'; '.join(dirty[:5])}); commit first, or pass "
                          "--allow-dirty to record the figures as dirty")
+
+
+def repo_state(repo: Path) -> dict:
+    """Which pipeline the figures stand on: the repo's revision, and which profile its params.yaml is."""
+    sha, dirty = git_state(repo)
+    params = (repo / "params.yaml").read_text()
+    same = [p.name for p in sorted((repo / "profiles").glob("*.yaml")) if p.read_text() == params]
+    return {"git_revision": sha, "changed_files": [ln[3:] for ln in dirty][:20],
+            "params_profile": same[0] if same else None}

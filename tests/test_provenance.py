@@ -2,7 +2,9 @@
 it; `bench.machine.write_results` writes those keys and refuses a dirty tree unless told."""
 
 import json
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -13,14 +15,20 @@ from tests.conftest import ROOT
 def test_every_results_file_has_provenance():
     results = ROOT / "bench" / "results"
     files = [p for p in results.rglob("*") if p.is_file()] if results.is_dir() else []
-    for p in files:
-        assert p.suffix == ".json", f"{p}: a results file is JSON written by bench.machine.write_results"
+    plots = set()
+    for p in (p for p in files if p.suffix == ".json"):
         data = json.loads(p.read_text())
         missing = [k for k in machine.PROVENANCE_KEYS if k not in data]
         assert not missing, f"{p}: no {missing}: re-measure it with its bench command (no hand-edited figures)"
         assert len(data["git_revision"]) == 40 and isinstance(data["dirty"], bool), p
         assert {"cpu", "cores", "memory_gib", "gpu", "torch", "python"} <= set(data["machine"]), p
-        assert data["command"].startswith("python -m "), p
+        # `python -m bench.x ...`, or a bench script run by its path (a clean checkout measuring another repo)
+        first = data["command"].removeprefix("python ").split()[0]
+        assert data["command"].startswith("python -m bench.") or re.search(r"(^|/)bench/\w+\.py$", first), p
+        if data.get("plot"):
+            plots.add(Path(data["plot"]).name)
+    for p in (p for p in files if p.suffix != ".json"):  # a picture belongs to the results file that drew it
+        assert p.suffix == ".png" and p.name in plots, f"{p}: not a results file's `plot`"
 
 
 def _git(repo, *args):
@@ -82,3 +90,29 @@ def test_every_bench_script_takes_allow_dirty():
         src = p.read_text()
         if "def main(" in src:
             assert '"--allow-dirty"' in src and "machine.write_results(" in src, f"{p.name}: write via write_results"
+
+
+def test_stage_metrics_copies_what_the_stages_wrote_with_the_pipelines_revision(repo, tmp_path_factory):
+    from bench import stage_metrics
+
+    run = tmp_path_factory.mktemp("run")
+    _git(run, "init", "-q")
+    (run / "profiles").mkdir()
+    (run / "profiles/long.yaml").write_text("common: {seed: 0}\n")
+    (run / "params.yaml").write_text("common: {seed: 0}\n")
+    _git(run, "add", "-A")
+    _git(run, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (run / "params.yaml").write_text("common: {seed: 1}\n")  # a profile copied over params.yaml, then edited
+    with pytest.raises(SystemExit, match="missing: run `dvc repro`"):
+        stage_metrics.main(["--repo", str(run), "--out", str(repo / "scratch/out.json")])
+    (run / "reports").mkdir()
+    (run / "reports/metrics.json").write_text('{"sft": {"pass_rate": 0.25}}')
+    got = stage_metrics.main(["--repo", str(run), "--out", str(repo / "scratch/out.json")])
+    assert got["report"] == {"sft": {"pass_rate": 0.25}} and "reports/credit/metrics.json" in got["missing"]
+    assert got["pipeline"]["params_profile"] is None
+    assert got["pipeline"]["changed_files"] == ["params.yaml", "reports/metrics.json"]
+    (run / "params.yaml").write_text("common: {seed: 0}\n")
+    got = stage_metrics.main(["--repo", str(run), "--out", str(repo / "scratch/out.json")])
+    assert got["pipeline"]["params_profile"] == "long.yaml"
+    saved = json.loads((repo / "scratch/out.json").read_text())
+    assert saved["command"].startswith("python -m bench.stage_metrics --repo ") and saved["dirty"] is False
