@@ -13,7 +13,8 @@ verifier score; with the reward model, when it prefers the best with probability
 judge prefers the best with probability >= min_prob). Dropped, and counted in
 `stats.json`: prompts whose samples all tie (or differ by less than the gap), pairs whose two texts are equal,
 empty responses, and repeated prompts. With the reward model as judge, `stats.json` also gives `gold_agreement`:
-the share of kept pairs whose chosen response the gold verifier also scores higher (where verifiers exist).
+the share of kept pairs whose chosen response the gold verifier also scores higher (where verifiers exist), and
+`gold_breakdown` (`gold_breakdown`): right over wrong, reversed, or two wrong answers that partial credit orders.
 
 With `prepare.pairs: dataset` nothing is judged: the data set's train pairs (`--pairs`, prepare's prefs.jsonl) are
 copied to `prefs.jsonl` (judge `dataset` in stats.json; prepare counted their drops) and the samples are not read.
@@ -83,6 +84,20 @@ def make_pairs(rows: list[dict], scores: list[list[float]], gap: float) -> tuple
     return pairs, dropped
 
 
+def gold_breakdown(gold: list[tuple[float, float]]) -> dict[str, int]:
+    """Kept pairs by their gold scores (chosen, rejected), a pass being a score of 1.0: `right_over_wrong` (the pairs
+    a verifier with a 0.5 margin would keep too), `wrong_over_right` (reversed), `both_right`, and pairs of two wrong
+    answers, split by whether the verifier's partial credit orders them the same way (`both_wrong_agree`), ties them
+    or reverses them."""
+    out = Counter()
+    for c, r in gold:
+        if c == 1.0 or r == 1.0:
+            out["both_right" if c == r else "right_over_wrong" if c == 1.0 else "wrong_over_right"] += 1
+        else:
+            out["both_wrong_" + ("agree" if c > r else "tie" if c == r else "reversed")] += 1
+    return dict(sorted(out.items()))
+
+
 def run(common, params: LabelParams, args) -> dict:
     if formats.pairs_mode(args.params) == "dataset":
         if not args.pairs:
@@ -110,9 +125,10 @@ def run(common, params: LabelParams, args) -> dict:
     stats = {"judge": params.judge, "prompts": len(rows), "pairs": len(pairs), "dropped": dict(dropped)}
     verifiers = {r["id"]: r["verifier"] for r in rows}
     if params.judge != "verifier" and all(verifiers[p["id"]] for p in pairs):  # how often the judge was right
-        right = sum(tasks.score(verifiers[p["id"]], p["chosen"]) > tasks.score(verifiers[p["id"]], p["rejected"])
-                    for p in pairs)
-        stats["gold_agreement"] = right / len(pairs)
+        gold = [(tasks.score(verifiers[p["id"]], p["chosen"]), tasks.score(verifiers[p["id"]], p["rejected"]))
+                for p in pairs]
+        stats["gold_agreement"] = sum(c > r for c, r in gold) / len(pairs)
+        stats["gold_breakdown"] = gold_breakdown(gold)
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "prefs.jsonl", pairs)
         io.write_json(tmp / "stats.json", stats)

@@ -238,6 +238,21 @@ def test_label_with_the_reward_model_as_judge(pipeline, tmp_path):
                                              for s in ("chosen", "rejected")])
         assert r_w > r_l
         assert pair["chosen_score"] == pytest.approx(r_w, abs=1e-4)
+    assert "gold_agreement" not in json.loads((tmp_path / "label/stats.json").read_text())
+    # with the verifiers there, the stats say how often the gold verifier orders the kept pairs the same way
+    label.main(["--params", str(p), "--samples", str(w / "data/samples.jsonl"), "--reward-model",
+                str(w / "models/reward_model"), "--out", str(tmp_path / "gold")])
+    stats, verifier = json.loads((tmp_path / "gold/stats.json").read_text()), {r["id"]: r["verifier"] for r in rows}
+    gold = [(tasks.score(verifier[q["id"]], q["chosen"]), tasks.score(verifier[q["id"]], q["rejected"]))
+            for q in io.read_jsonl(tmp_path / "gold/prefs.jsonl", "prefs")]
+    assert stats["gold_agreement"] == pytest.approx(sum(c > r for c, r in gold) / len(gold))
+    assert stats["gold_breakdown"] == label.gold_breakdown(gold) and sum(stats["gold_breakdown"].values()) == len(gold)
+
+
+def test_gold_breakdown_counts_kept_pairs_by_their_gold_scores():
+    gold = [(1.0, 0.2), (1.0, 0.0), (0.3, 1.0), (1.0, 1.0), (0.4, 0.1), (0.2, 0.2), (0.1, 0.45)]
+    assert label.gold_breakdown(gold) == {"right_over_wrong": 2, "wrong_over_right": 1, "both_right": 1,
+                                          "both_wrong_agree": 1, "both_wrong_tie": 1, "both_wrong_reversed": 1}
 
 
 def test_label_with_the_llm_judge(pipeline, tmp_path):
