@@ -14,7 +14,7 @@ judge prefers the best with probability >= min_prob). Dropped, and counted in
 `stats.json`: prompts whose samples all tie (or differ by less than the gap), pairs whose two texts are equal,
 empty responses, and repeated prompts. With the reward model as judge, `stats.json` also gives `gold_agreement`:
 the share of kept pairs whose chosen response the gold verifier also scores higher (where verifiers exist), and
-`gold_breakdown` (`gold_breakdown`): right over wrong, reversed, or two wrong answers that partial credit orders.
+`gold_breakdown` (the function of that name): right over wrong, reversed, or two wrong answers.
 
 With `prepare.pairs: dataset` nothing is judged: the data set's train pairs (`--pairs`, prepare's prefs.jsonl) are
 copied to `prefs.jsonl` (judge `dataset` in stats.json; prepare counted their drops) and the samples are not read.
