@@ -428,3 +428,13 @@ def test_reward_model_without_pairs_says_so_and_label_refuses_it(workdir, tmp_pa
     with pytest.raises(SystemExit, match=r"rm: .*rm_prefs.jsonl holds no preference pairs"):
         label.main(["--params", p, "--samples", str(samples), "--reward-model", str(tmp_path / "rm"),
                     "--out", str(tmp_path / "label")])
+
+
+def test_heldout_pairs_all_dropped_stop_with_the_file_and_the_drops(workdir):
+    from stages import evaluate
+
+    model = modeling.load_chain(workdir / "models/base")
+    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+    pair = {"id": "h0", "prompt": [{"role": "user", "content": "2 + 2?"}], "chosen": "4", "rejected": " 4 "}
+    with pytest.raises(io.InputError, match=r"heldout_prefs.jsonl: no usable pair .*chosen_equals_rejected': 1"):
+        evaluate.heldout_pairs(model, tok, [pair], 96, 4, "heldout_prefs.jsonl", 100, 0)
