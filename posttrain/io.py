@@ -72,8 +72,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
-def read_jsonl(path: str | Path, schema: str) -> list[dict]:
-    """All rows of a JSONL file, each checked against `SCHEMAS[schema]`; raises InputError on the first bad one."""
+def read_jsonl(path: str | Path, schema: str, allow_empty: bool = False) -> list[dict]:
+    """All rows of a JSONL file, each checked against `SCHEMAS[schema]`; raises InputError on the first bad one, and
+    on a file with no row unless `allow_empty` (a split some sources leave empty, such as the reward model's)."""
     path = Path(path)
     checks = SCHEMAS[schema]
     try:
@@ -95,7 +96,7 @@ def read_jsonl(path: str | Path, schema: str) -> list[dict]:
             raise InputError(f"{path}: row {i}: malformed JSON: {e.msg} at column {e.colno}") from e
         _check_row(path, i, row, checks)
         rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         raise InputError(f"{path}: empty file: no rows")
     return rows
 

@@ -5,7 +5,8 @@ Every judge answers two questions about prompt rows (`messages`, and `verifier` 
 - `prefer(rows, first, second)`: per row, the probability that `first` is better than `second`, 0.5 for a tie
   (what a win rate averages).
 `verifier` reads each prompt's gold verifier spec (posttrain.tasks); `reward_model` the Bradley-Terry reward model
-of the `reward_model` stage (P(first) = sigma(r_first - r_second)); `llm` asks a local causal LM in the MT-Bench /
+of the `reward_model` stage (P(first) = sigma(r_first - r_second); its `floor`, the calibrated reward of a good
+response, lets `label` drop pairs of two bad answers); `llm` asks a local causal LM in the MT-Bench /
 AlpacaEval pairwise style. Adding a judge is one class with these two methods, one row of `JUDGES`, one test.
 
 The LLM judge reads the judge's next-token distribution after the verdict question, restricted to the three
@@ -111,6 +112,8 @@ class RewardModelJudge:
 
         self.model, self.tok = reward.load(reward_model, device, trust_remote_code)
         self.max_len, self.batch_size = max_len, batch_size
+        self.floor = reward.threshold(reward_model)
+        """The reward below which a response looks rejected rather than chosen (None: not calibrated)."""
 
     def _rewards(self, rows: list[dict], responses: list[str]) -> list[float]:
         from posttrain import reward

@@ -13,10 +13,14 @@ backbone barely learns arithmetic correctness from pairs (shared/reference/MEASU
 sums, against 0.92 for the SFT model's own likelihood); the language model's token log-probs already carry it, so
 the reward starts as the SFT model's log-likelihood of the conversation and training moves the head, the adapter
 and the scale from there. The stages report the held-out accuracy before training too, so what training adds shows.
-Over a pair, the prompt's log-probs are the same on both sides and cancel in r_w - r_l.
+Over a pair, the prompt's log-probs are the same on both sides and cancel in r_w - r_l. So `score` (the reward every
+judge and metric reads) leaves them out: r(x, y) = w . h_last + a * sum over the response's tokens only. Every
+comparison on one prompt is unchanged, and rewards compare across prompts, which `calibrate` needs: the reward above
+which a response looks like a chosen one rather than a rejected one (the `label` stage's floor).
 
 Saved: `adapter/` (the LoRA adapter, or `model/` for a full fine-tune), `head.safetensors` (w and a),
-`backbone.json` (the causal-LM chain it was built on) and `hyperparameters.yaml`.
+`backbone.json` (the causal-LM chain it was built on), `hyperparameters.yaml`, and `calibration.json` where the
+reward_model stage had held-out pairs to calibrate on.
 """
 
 from __future__ import annotations
@@ -80,8 +84,23 @@ def build(causal_lm, lora=None) -> RewardModel:
     return RewardModel(causal_lm)
 
 
-def save(model: RewardModel, out: str | Path, backbone_model: str, resolved: dict) -> None:
-    """Write the trained parts atomically: the adapter (or the whole LM), the head and scale, the backbone's name."""
+def calibrate(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """The reward threshold t that best tells the chosen responses of held-out pairs (reward >= t) from the rejected
+    ones (reward < t), each response one vote; the lowest such t when several tie. {"threshold", "accuracy",
+    "pairs"}."""
+    if not chosen or len(chosen) != len(rejected):
+        raise ValueError(f"calibrate: needs as many chosen as rejected rewards, at least one ({len(chosen)}, "
+                         f"{len(rejected)})")
+    best = max(sorted(set(chosen + rejected)),
+               key=lambda t: (sum(c >= t for c in chosen) + sum(r < t for r in rejected), -t))
+    right = sum(c >= best for c in chosen) + sum(r < best for r in rejected)
+    return {"threshold": best, "accuracy": right / (2 * len(chosen)), "pairs": len(chosen)}
+
+
+def save(model: RewardModel, out: str | Path, backbone_model: str, resolved: dict,
+         calibration: dict | None = None) -> None:
+    """Write the trained parts atomically: the adapter (or the whole LM), the head and scale, the backbone's name,
+    and the calibration (`calibrate`) when there is one."""
     import yaml
     from safetensors.torch import save_file
 
@@ -94,7 +113,15 @@ def save(model: RewardModel, out: str | Path, backbone_model: str, resolved: dic
                    "scale": model.scale.detach().cpu().reshape(1)}, str(tmp / "head.safetensors"))
         (tmp / "backbone.json").write_text(json.dumps({"model": str(backbone_model)}) + "\n")
         (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        if calibration is not None:
+            io.write_json(tmp / "calibration.json", calibration)
     training.finish(out)
+
+
+def threshold(path: str | Path) -> float | None:
+    """The calibrated reward threshold saved with a reward model (None when it had no held-out pairs)."""
+    f = Path(path) / "calibration.json"
+    return json.loads(f.read_text())["threshold"] if f.exists() else None
 
 
 def backbone(path: str | Path) -> str:
@@ -135,20 +162,33 @@ def load(path: str | Path, device: torch.device, trust_remote_code: bool = False
     return model, modeling.stage_tokenizer(backbone(path), padding_side="right")
 
 
+def _prompt_length(tok, conversation: list[dict], ids: list[int]) -> int:
+    """Tokens of the conversation before its last (assistant) turn's content: the templated prompt with its
+    generation prompt, when the full conversation's tokens start with it (else 0: the whole sequence counts)."""
+    prompt = tok.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    return len(prompt) if ids[: len(prompt)] == prompt else 0
+
+
 @torch.no_grad()
 def score(model, tok, conversations: list[list[dict]], batch_size: int = 32, max_len: int = 512) -> list[float]:
-    """Reward of each full conversation (prompt messages + the assistant turn), through the chat template."""
+    """Reward of each conversation's last turn (prompt messages + the assistant turn, through the chat template):
+    the head at the last token plus the scaled log-probs of the response's tokens (the prompt's are left out)."""
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(conversations), batch_size):
-        ids = [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"][:max_len]
-               for c in conversations[start : start + batch_size]]
+        convs = conversations[start : start + batch_size]
+        ids = [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"][:max_len] for c in convs]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), tok.pad_token_id)
         mask = torch.zeros(len(ids), width, dtype=torch.long)
-        for i, row in enumerate(ids):
+        response = torch.zeros(len(ids), width)
+        for i, (row, conv) in enumerate(zip(ids, convs, strict=True)):
             input_ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        out += logits[:, 0].float().cpu().tolist()
+            response[i, _prompt_length(tok, conv, row) : len(row)] = 1
+        head, logp = model._parts(input_ids.to(device), mask.to(device))
+        last = mask.sum(-1) - 1
+        r = head[torch.arange(len(ids)), last.to(device)] + model.scale * (logp * response.to(device)).sum(-1)
+        out += r.float().cpu().tolist()
     return out

@@ -9,9 +9,11 @@ Per prompt, every sample is scored by the judge `label.judge`, a key of posttrai
 causal LM comparing the samples pairwise, both orders asked, each sample scored by its mean probability of beating
 the others). The best becomes `chosen` and the worst `rejected` when they differ by at least `label.margin` in
 verifier score; with the reward model, when it prefers the best with probability sigma(r_best - r_worst) >=
-`label.min_prob`; with the LLM judge, when their scores differ by at least 2 min_prob - 1 (for two samples: the
+`label.min_prob` and, with `label.reward_floor`, the best's reward is at least the reward model's calibrated floor
+(stages/reward_model.py); with the LLM judge, when their scores differ by at least 2 min_prob - 1 (for two samples: the
 judge prefers the best with probability >= min_prob). Dropped, and counted in
-`stats.json`: prompts whose samples all tie (or differ by less than the gap), pairs whose two texts are equal,
+`stats.json`: prompts whose samples all tie (or differ by less than the gap), pairs whose chosen response is below
+the floor, pairs whose two texts are equal,
 empty responses, and repeated prompts. With the reward model as judge, `stats.json` also gives `gold_agreement`:
 the share of kept pairs whose chosen response the gold verifier also scores higher (where verifiers exist), and
 `gold_breakdown` (the function of that name): right over wrong, reversed, or two wrong answers.
@@ -36,8 +38,12 @@ class LabelParams:
     stage), 'llm' (a local LM judge, `llm`)."""
     margin: float = 0.5
     """Verifier judge: minimum score gap between chosen and rejected; 0.5 keeps only clear wins."""
-    min_prob: float = 0.75
+    min_prob: float = 0.9
     """Reward-model and LLM judges: keep a pair the judge prefers with at least this probability."""
+    reward_floor: bool = True
+    """Reward-model judge: also drop a pair whose chosen response's reward is below the reward model's calibrated
+    floor (models/reward_model/calibration.json: the reward that best tells its held-out chosen responses from the
+    rejected ones). A preference between two bad answers is mostly noise; this is the judge's own sign of one."""
     batch_size: int = 32
     llm: judges.LlmJudgeParams = field(default_factory=judges.LlmJudgeParams)
     """The LLM judge (read only with judge: llm)."""
@@ -56,7 +62,8 @@ class LabelParams:
                 "llm": 2 * self.min_prob - 1}[self.judge]
 
 
-def make_pairs(rows: list[dict], scores: list[list[float]], gap: float) -> tuple[list[dict], Counter]:
+def make_pairs(rows: list[dict], scores: list[list[float]], gap: float,
+               floor: float | None = None) -> tuple[list[dict], Counter]:
     dropped: Counter = Counter()
     seen: set[str] = set()
     pairs = []
@@ -75,6 +82,9 @@ def make_pairs(rows: list[dict], scores: list[list[float]], gap: float) -> tuple
         (best, chosen), (worst, rejected) = scored[0], scored[-1]
         if best <= worst or best - worst < gap:
             dropped["tie"] += 1
+            continue
+        if floor is not None and best < floor:
+            dropped["chosen_below_floor"] += 1
             continue
         if chosen.strip() == rejected.strip():
             dropped["chosen_equals_rejected"] += 1
@@ -118,11 +128,17 @@ def run(common, params: LabelParams, args) -> dict:
         scores = judge.scores(rows, [r["samples"] for r in rows])
     except ValueError as e:  # the verifier judge names the row and field
         raise io.InputError(f"{args.samples}: {e}") from e
-    pairs, dropped = make_pairs(rows, scores, params.gap())
+    floor = judge.floor if params.judge == "reward_model" and params.reward_floor else None
+    if params.judge == "reward_model" and params.reward_floor and floor is None:
+        raise io.InputError(f"{args.reward_model}: no calibration.json (the reward_model stage writes it when it has "
+                            "held-out pairs): set label.reward_floor: false, or give it held-out pairs")
+    pairs, dropped = make_pairs(rows, scores, params.gap(), floor)
     if not pairs:
         raise io.InputError(f"{args.samples}: no preference pair survived (dropped: {dict(dropped)}); sample more "
                             "responses per prompt, raise the temperature or lower label.margin / label.min_prob")
     stats = {"judge": params.judge, "prompts": len(rows), "pairs": len(pairs), "dropped": dict(dropped)}
+    if floor is not None:
+        stats["reward_floor"] = floor
     verifiers = {r["id"]: r["verifier"] for r in rows}
     if params.judge != "verifier" and all(verifiers[p["id"]] for p in pairs):  # how often the judge was right
         gold = [(tasks.score(verifiers[p["id"]], p["chosen"]), tasks.score(verifiers[p["id"]], p["rejected"]))

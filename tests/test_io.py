@@ -73,6 +73,17 @@ def test_label_counts_every_drop():
     assert dropped == {"duplicate_prompt": 1, "tie": 1, "empty_response": 2, "fewer_than_two_responses": 1}
 
 
+def test_label_floor_drops_a_pair_whose_chosen_reward_is_below_it():
+    """Rewards per sample; gap log(3) ~ 1.10 (min_prob 0.75). r1: best -0.5, r2: best -2.5, both clear the gap."""
+    rows = [GOOD_PROMPT | {"id": "r1", "samples": ["2", "3"]},
+            GOOD_PROMPT | {"id": "r2", "messages": [{"role": "user", "content": "2+2?"}], "samples": ["5", "6"]}]
+    scores = [[-0.5, -4.0], [-2.5, -6.0]]
+    kept, dropped = label.make_pairs(rows, scores, gap=1.1, floor=-1.0)
+    assert [p["id"] for p in kept] == ["r1"] and +dropped == {"chosen_below_floor": 1}
+    kept, dropped = label.make_pairs(rows, scores, gap=1.1, floor=None)
+    assert [p["id"] for p in kept] == ["r1", "r2"] and not +dropped
+
+
 def test_label_names_a_bad_verifier(tmp_path):
     from tests.conftest import tiny_params
 

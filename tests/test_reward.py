@@ -60,6 +60,42 @@ def test_a_lora_reward_model_saves_and_loads_to_the_same_rewards(workdir, tmp_pa
     reward.save(model, tmp_path / "rm", str(workdir / "models/base"), {"note": "test"})
     assert sorted(p.name for p in (tmp_path / "rm").iterdir()) == ["adapter", "backbone.json", "head.safetensors",
                                                                    "hyperparameters.yaml"]
+    assert reward.threshold(tmp_path / "rm") is None  # saved without a calibration
     loaded, tok = reward.load(tmp_path / "rm", torch.device("cpu"))
     torch.testing.assert_close(loaded(ids, mask).logits, want, atol=1e-4, rtol=1e-4)
     assert tok.padding_side == "right" and float(loaded.scale) == pytest.approx(1.7)
+
+
+def test_score_leaves_out_the_prompts_log_probs(workdir):
+    """reward.score = head at the last token + scale * the response tokens' log-probs; a forward()'s reward minus
+    score is the scaled log-likelihood of the templated prompt, the same for every answer to it."""
+    torch.manual_seed(0)
+    model = reward.build(modeling.load_chain(workdir / "models/base")).eval()
+    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+    with torch.no_grad():
+        torch.nn.init.normal_(model.score.weight, std=0.5)
+        model.scale.fill_(0.3)
+    q = [{"role": "user", "content": "What is 2 + 2?"}]
+    convs = [q + [{"role": "assistant", "content": a}] for a in ("4", "five or so")]
+    got = reward.score(model, tok, convs)
+    prompt = tok.apply_chat_template(q, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    full = []
+    for c, g in zip(convs, got, strict=True):
+        ids = torch.tensor([tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]])
+        assert ids[0, : len(prompt)].tolist() == prompt
+        with torch.no_grad():
+            head, logp = _by_hand(model, ids, torch.ones_like(ids))
+            full.append(float(model(ids, torch.ones_like(ids)).logits[0, 0]))
+        want = float(head[0, -1] + 0.3 * logp[0, len(prompt):].sum())
+        assert g == pytest.approx(want, abs=1e-4)
+        assert full[-1] - g == pytest.approx(float(0.3 * logp[0, : len(prompt)].sum()), abs=1e-4)
+    assert full[0] - got[0] == pytest.approx(full[1] - got[1], abs=1e-4) and got[0] != got[1]
+
+
+def test_calibrate_picks_the_lowest_best_threshold():
+    """chosen 1, 3; rejected 0, 2. t = 0: 2 + 0 right; t = 1: 2 + 1; t = 2: 1 + 1; t = 3: 1 + 2. Best 3 of 4, at
+    t = 1 and t = 3: the lower is kept (it keeps more pairs)."""
+    assert reward.calibrate([1.0, 3.0], [0.0, 2.0]) == {"threshold": 1.0, "accuracy": 0.75, "pairs": 2}
+    assert reward.calibrate([5.0], [-1.0])["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="as many chosen as rejected"):
+        reward.calibrate([1.0], [])
