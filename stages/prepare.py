@@ -6,12 +6,14 @@ reasoning-gym or your own data set.
 
 `prepare.source` picks where the data comes from:
 - `builtin` (default): the bundled suite of verifiable tasks (posttrain.tasks), generated from `common.seed`; the
-  train and eval splits never share a prompt, the SFT demonstrations are the task solver's (they score 1.0), and
-  the reward model's offline pairs are the solver's answer over a near miss.
+  train and eval splits never share a prompt, the SFT demonstrations are the task solver's (they score 1.0), the
+  reward model's prompts are fresh ones (`generate` samples the SFT policy on them and the verifier ranks the
+  samples, as labellers rank an SFT model's outputs in RLHF), and its optional offline pairs (`n_rm`) are the
+  solver's answer over a near miss.
 - `reasoning_gym`: the reasoning-gym data sets named in `prepare.reasoning_gym` (name -> size, config); every prompt's
   verifier spec names its data set and entry, so `label` and `evaluate` score with reasoning-gym's `score_answer`;
-  the SFT demos are the entries' reference answers; the reward model's pairs are an entry's answer over another
-  entry's, on entries left over after the splits.
+  the SFT demos are the entries' reference answers; the reward model's offline pairs are an entry's answer over
+  another entry's, and its prompts the entries left after those.
 - anything else: a local .jsonl/.json/.parquet/.csv file, a saved `datasets` folder or a hub id (`subset`, `split`)
   in one of the formats of `posttrain.formats.FORMATS` (detected from the columns, or named in `prepare.format`).
   Preference data gives prompts, SFT demos (the chosen responses, unless `sft_source` names demos) and pairs;
@@ -21,8 +23,9 @@ reasoning-gym or your own data set.
 in `label`) or `dataset` (a preference source's own pairs, shuffled and split: `n_eval` held out, up to `n_train`
 trained on; `generate` and `label` pass them through).
 
-Outputs: `train.jsonl` and `eval.jsonl` (schema `prompts`), `sft.jsonl` (schema `sft`), `rm_prefs.jsonl` (schema
-`prefs`: the reward model's pairs: builtin / reasoning-gym near misses, or the user's train pairs), `prefs.jsonl`
+Outputs: `train.jsonl`, `eval.jsonl` and `rm_prompts.jsonl` (schema `prompts`; the last empty for a user's data),
+`sft.jsonl` (schema `sft`), `rm_prefs.jsonl` (schema `prefs`: the reward model's offline pairs: builtin /
+reasoning-gym near misses, or the user's train pairs), `prefs.jsonl`
 and `heldout_prefs.jsonl` (the user's train / held-out pairs in `dataset` mode; empty otherwise), `stats.json`
 (the format read and every dropped row by reason, `posttrain.formats`). A split left with no rows is an error.
 """
@@ -65,9 +68,12 @@ class PrepareParams:
     """Held-out prompts (or pairs); the CI half-width of a pass rate near 0.5 is ~1/sqrt(n_eval)."""
     n_sft: int = 320
     """SFT demonstrations (on prompts disjoint from eval)."""
-    n_rm: int = 300
+    n_rm: int = 0
     """Offline preference pairs for the reward model (generated sources: solver answer vs a near miss, or vs
     another prompt's answer), on prompts disjoint from every other split; 0 writes an empty rm_prefs.jsonl."""
+    n_rm_prompts: int = 600
+    """Generated sources: fresh prompts (disjoint from every other split) on which `generate` samples the SFT policy
+    for the reward model, whose pairs the verifier then ranks (stages/reward_model.py); 0 writes none."""
     task_mix: dict[str, float] = field(default_factory=lambda: {"add": 1.0})
     """Builtin source: relative weight of each task in every split; names from posttrain.tasks.TASKS."""
     reasoning_gym: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -79,8 +85,8 @@ class PrepareParams:
             raise ValueError(f"task_mix: unknown task(s) {unknown}; known: {sorted(tasks.TASKS)}")
         if min(self.n_train, self.n_eval, self.n_sft) < 1:
             raise ValueError("n_train, n_eval and n_sft must each be >= 1")
-        if self.n_rm < 0:
-            raise ValueError(f"n_rm must be >= 0, got {self.n_rm}")
+        if self.n_rm < 0 or self.n_rm_prompts < 0:
+            raise ValueError(f"n_rm and n_rm_prompts must be >= 0, got {self.n_rm}, {self.n_rm_prompts}")
         if not self.task_mix or min(self.task_mix.values()) < 0 or sum(self.task_mix.values()) <= 0:
             raise ValueError("task_mix needs non-negative weights with a positive sum")
         if self.format != "auto" and self.format not in formats.FORMATS:
@@ -157,9 +163,10 @@ def _split(rows: list[dict], params: PrepareParams, what: str) -> tuple[list[dic
 
 
 def from_reasoning_gym(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], list[dict], list[dict],
-                                                                   dict]:
-    """reasoning-gym entries as prompts with verifiers: eval, train, SFT demos (the reference answers), and the
-    reward model's pairs (an entry's answer over another entry's of the same data set) from the entries left."""
+                                                                   list[dict], dict]:
+    """reasoning-gym entries as prompts with verifiers: eval, train, SFT demos (the reference answers), then from the
+    entries left the reward model's offline pairs (an entry's answer over another entry's of the same data set) and
+    its prompts (fewer than asked when the entries run out)."""
     rows, seen, dropped = [], set(), Counter()
     for name, spec in sorted(params.reasoning_gym.items()):
         for row in reasoning_gym.prompts(name, spec.get("config", {}), seed, spec["size"]):
@@ -181,10 +188,11 @@ def from_reasoning_gym(params: PrepareParams, seed: int) -> tuple[list[dict], li
                                                            "content": reasoning_gym.solve(r["verifier"])}],
             "verifier": r["verifier"]} for r in rest[: params.n_sft]]
     left = rest[params.n_sft :]
-    rm = []
+    rm, used = [], 0
     for row in left:
         if len(rm) == params.n_rm:
             break
+        used += 1
         others = [o for o in left if o["task"] == row["task"] and o["verifier"]["answer"] != row["verifier"]["answer"]]
         if not others:
             continue
@@ -193,7 +201,8 @@ def from_reasoning_gym(params: PrepareParams, seed: int) -> tuple[list[dict], li
         if good > bad:
             rm.append({"id": f"rm-{row['id']}", "prompt": row["messages"], "chosen": row["verifier"]["answer"],
                        "rejected": rejected, "chosen_score": good, "rejected_score": bad})
-    return train, eval_rows, sft, rm, {"dropped": dict(dropped)}
+    rm_prompts = left[used : used + params.n_rm_prompts]
+    return train, eval_rows, sft, rm, rm_prompts, {"dropped": dict(dropped)}
 
 
 def _read(source: str, fmt: str, params: PrepareParams) -> tuple[str, list[dict], Counter]:
@@ -253,24 +262,30 @@ def external(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], 
 def run(common, params: PrepareParams, args) -> dict:
     prefs: list[dict] = []
     heldout: list[dict] = []
+    rm_prompts: list[dict] = []
     if params.source == "builtin":
         train, eval_rows, sft, stats = builtin(params, common.seed)
         taken = {io.prompt_key(r) for r in train + eval_rows + sft}
         rm = reward_pairs(params, common.seed, taken)
+        rm_prompts = tasks.draw(random.Random(common.seed + 104729), params.task_mix, params.n_rm_prompts, taken)
+        for i, row in enumerate(rm_prompts):
+            row["id"] = f"rmp-{row['task']}-{i:05d}"
     elif params.source == "reasoning_gym":
-        train, eval_rows, sft, rm, stats = from_reasoning_gym(params, common.seed)
+        train, eval_rows, sft, rm, rm_prompts, stats = from_reasoning_gym(params, common.seed)
     else:
         train, eval_rows, sft, pairs, held, stats = external(params, common.seed)
         rm = pairs  # the user's pairs train the reward model in either mode (label.judge: reward_model uses it)
         if params.pairs == "dataset":
             prefs, heldout = pairs, held
     stats |= {"source": params.source, "pairs": params.pairs, "n_train": len(train), "n_eval": len(eval_rows),
-              "n_sft": len(sft), "n_rm": len(rm), "n_prefs": len(prefs), "n_heldout_prefs": len(heldout)}
+              "n_sft": len(sft), "n_rm": len(rm), "n_rm_prompts": len(rm_prompts), "n_prefs": len(prefs),
+              "n_heldout_prefs": len(heldout)}
     stats.setdefault("format", params.source)
     stats.setdefault("dropped", {})
     log.info("prepare: %s", stats)
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "rm_prefs.jsonl", rm)
+        io.write_jsonl(tmp / "rm_prompts.jsonl", rm_prompts)
         io.write_jsonl(tmp / "train.jsonl", train)
         io.write_jsonl(tmp / "eval.jsonl", eval_rows)
         io.write_jsonl(tmp / "sft.jsonl", sft)

@@ -2,15 +2,26 @@
 
     dvc repro reward_model
     python -m stages.reward_model --model models/sft --prefs data/prepare/rm_prefs.jsonl \
-        --samples data/generate/samples.jsonl --out models/reward_model --metrics reports/reward_model/metrics.json
+        --rm-samples data/generate/rm_samples.jsonl --samples data/generate/samples.jsonl \
+        --out models/reward_model --metrics reports/reward_model/metrics.json
 
 The SFT model with a LoRA adapter (`lora: false`: every weight), a scalar head on its last token's hidden state and
 a learned multiple of its own log-likelihood of the conversation (`posttrain.reward.RewardModel`: why the
-likelihood term, and what it starts from, is said there), trained with TRL's RewardTrainer on the offline pairs of
-`prepare` (rm_prefs.jsonl: the role a human-labelled preference set plays in RLHF) minus a held-out slice
-(`heldout_fraction`, by id hash). Measured, in metrics.json:
+likelihood term, and what it starts from, is said there), trained with TRL's RewardTrainer on the pairs that play
+the part of RLHF's human-labelled preference set, minus a held-out slice (`heldout_fraction`, by a hash of the prompt's
+id):
+- the SFT policy's own samples on the reward model's prompts (`--rm-samples`, from `generate`), ranked by the gold
+  verifier as InstructGPT's labellers ranked their SFT model's outputs (`ranked_pairs`: every two responses to a
+  prompt whose scores differ by at least `margin`). The judge thus learns the mistakes the policy makes, the ones
+  `label` must tell apart (trained on solver answers over near misses instead, 0.72 of the pairs it kept agreed
+  with the gold verifier: bench/results/label_reward_model.json as of f042e70);
+- and the offline pairs of `prepare` (`--prefs`, rm_prefs.jsonl: a user's own pairs, or near misses, `n_rm`).
+Measured, in metrics.json:
 - `heldout_accuracy`: r(chosen) > r(rejected) on the held-out pairs; `heldout_accuracy_initial` the same before
   training (the SFT model's own likelihood), so what training adds shows;
+- `floor`: the reward that best tells the held-out chosen responses from the rejected ones (`reward.calibrate`,
+  saved as calibration.json), and `floor_accuracy` the share of them it sorts right. `label` drops a pair whose
+  chosen response scores below it (`label.reward_floor`): the judge's sign that both answers are bad;
 - `verifier_agreement`: on the policy's own samples (the first `agreement_prompts` prompts of samples.jsonl), the
   share of response pairs with different gold scores that the reward model orders the same way as the verifier;
 - `best_of_n_pass_rate` vs `mean_pass_rate`: gold pass rate of the reward model's top pick among each prompt's
@@ -21,8 +32,8 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -32,17 +43,21 @@ from posttrain import cli, config, io, modeling, preference, reward, tasks, trai
 @dataclass
 class RewardModelParams:
     heldout_fraction: float = 0.2
+    margin: float = 0.5
+    """Ranked samples: a pair needs verifier scores this far apart (0.5: a right answer over a wrong one)."""
     lora: bool = True
     """Train a LoRA adapter of the SFT model (a few MB saved); false trains every weight (a 0.5 GB output)."""
     lora_params: training.LoraParams = field(default_factory=training.LoraParams)
-    learning_rate: float = 1.0e-4
-    epochs: float = 1.0
+    learning_rate: float = 3.0e-4
+    epochs: float = 2.0
     batch_size: int = 8
     agreement_prompts: int = 100
     """Prompts of samples.jsonl scored for the verifier-agreement and best-of-N figures (0 = skip)."""
     logging_steps: int = 5
 
     def __post_init__(self) -> None:
+        if not 0 < self.margin <= 1:
+            raise ValueError(f"margin must be in (0, 1], got {self.margin}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.learning_rate <= 0 or self.epochs <= 0:
@@ -51,14 +66,52 @@ class RewardModelParams:
             raise ValueError(f"agreement_prompts must be >= 0, got {self.agreement_prompts}")
 
 
+def ranked_pairs(rows: list[dict], margin: float) -> tuple[list[dict], Counter]:
+    """Preference pairs from sampled responses ranked by each prompt's gold verifier: every two distinct responses
+    (by stripped text) whose scores differ by at least `margin`, the higher chosen. Each pair's `group` is its
+    prompt's id, so all pairs of a prompt fall on the same side of the held-out split. Counted: rows without a
+    verifier, empty responses, repeated responses, and prompts that gave no pair."""
+    pairs, counts = [], Counter()
+    for row in rows:
+        if row.get("verifier") is None:
+            counts["no_verifier"] += 1
+            continue
+        texts = [s for s in row["samples"] if s.strip()]
+        counts["empty_response"] += len(row["samples"]) - len(texts)
+        scored = {}
+        for t in texts:
+            if t.strip() in scored:
+                counts["repeated_response"] += 1
+            else:
+                scored[t.strip()] = (tasks.score(row["verifier"], t), t)
+        before = len(pairs)
+        for (a, ta), (b, tb) in itertools.combinations(scored.values(), 2):
+            if abs(a - b) >= margin:
+                (hi, th), (lo, tl) = ((a, ta), (b, tb)) if a > b else ((b, tb), (a, ta))
+                pairs.append({"id": f"{row['id']}:{len(pairs) - before}", "group": row["id"],
+                              "prompt": row["messages"], "chosen": th, "rejected": tl, "chosen_score": hi,
+                              "rejected_score": lo})
+        counts["prompt_without_pair"] += len(pairs) == before
+    return pairs, counts
+
+
+def split_heldout(pairs: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) by a hash of each pair's `group` (its prompt's id; the pair's own id where it has none)."""
+    held = [preference.is_heldout(p.get("group", p["id"]), fraction) for p in pairs]
+    return [p for p, h in zip(pairs, held, strict=True) if not h], [p for p, h in zip(pairs, held, strict=True) if h]
+
+
 def _conversation(pair: dict, side: str) -> list[dict]:
     return pair["prompt"] + [{"role": "assistant", "content": pair[side]}]
 
 
-def heldout_accuracy(model, tok, pairs: list[dict], max_len: int) -> float:
-    chosen = reward.score(model, tok, [_conversation(p, "chosen") for p in pairs], max_len=max_len)
-    rejected = reward.score(model, tok, [_conversation(p, "rejected") for p in pairs], max_len=max_len)
-    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(len(pairs), 1)
+def heldout_rewards(model, tok, pairs: list[dict], max_len: int) -> tuple[list[float], list[float]]:
+    return (reward.score(model, tok, [_conversation(p, "chosen") for p in pairs], max_len=max_len),
+            reward.score(model, tok, [_conversation(p, "rejected") for p in pairs], max_len=max_len))
+
+
+def accuracy(chosen: list[float], rejected: list[float]) -> float:
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(len(chosen), 1)
 
 
 def agreement(model, tok, rows: list[dict], max_len: int, seed: int) -> dict[str, float]:
@@ -89,12 +142,14 @@ def run(common, params: RewardModelParams, args) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    empty = Path(args.prefs).is_file() and not Path(args.prefs).read_text(encoding="utf-8").strip()
-    pairs = [] if empty else io.read_jsonl(args.prefs, "prefs")
+    offline = io.read_jsonl(args.prefs, "prefs", allow_empty=True)
+    rm_rows = io.read_jsonl(args.rm_samples, "samples", allow_empty=True) if args.rm_samples else []
+    ranked, counts = ranked_pairs(rm_rows, params.margin)
+    pairs = ranked + offline
     if not pairs:  # a user's chat data brings no pairs: nothing to train, and label.judge: verifier needs none
-        note = (f"{args.prefs} holds no preference pairs (prepare writes them for the builtin tasks only): no reward "
-                "model was trained; point --prefs at your own prompt/chosen/rejected pairs to use label.judge: "
-                "reward_model")
+        note = (f"{args.prefs} holds no preference pairs and the reward model's samples "
+                f"({args.rm_samples or 'none given'}) gave none (they need verifiers): no reward model was trained; "
+                "point --prefs at your own prompt/chosen/rejected pairs to use label.judge: reward_model")
         with io.atomic_dir(args.out) as tmp:
             io.write_json(tmp / "untrained.json", {"reason": note})
         metrics = {"train_pairs": 0}
@@ -103,12 +158,11 @@ def run(common, params: RewardModelParams, args) -> dict:
     samples = io.read_jsonl(args.samples, "samples")[: params.agreement_prompts]
     device = modeling.device_for(common.device)
     tok = modeling.stage_tokenizer(args.model, padding_side="right")
-    train = [p for p in pairs if not preference.is_heldout(p["id"], params.heldout_fraction)]
-    held = [p for p in pairs if preference.is_heldout(p["id"], params.heldout_fraction)]
+    train, held = split_heldout(pairs, params.heldout_fraction)
     torch.manual_seed(common.seed)
     model = reward.build(modeling.load_chain(args.model, device, common.trust_remote_code),
                          params.lora_params if params.lora else None)
-    initial = heldout_accuracy(model.eval(), tok, held, common.max_len)
+    initial = accuracy(*heldout_rewards(model.eval(), tok, held, common.max_len))
     data = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
                                "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in train])
     cfg = RewardConfig(
@@ -120,12 +174,17 @@ def run(common, params: RewardModelParams, args) -> dict:
                             callbacks=[training.StopOnNaN()])
     result = trainer.train()
     model.eval()
-    metrics = {"heldout_accuracy": heldout_accuracy(model, tok, held, common.max_len),
-               "heldout_accuracy_initial": initial, "scale": float(model.scale.detach()), "train_pairs": len(train),
-               "heldout_pairs": len(held), "train_loss": result.training_loss}
+    chosen, rejected = heldout_rewards(model, tok, held, common.max_len)
+    calibration = reward.calibrate(chosen, rejected) if held else None
+    metrics = {"heldout_accuracy": accuracy(chosen, rejected), "heldout_accuracy_initial": initial,
+               "scale": float(model.scale.detach()), "train_pairs": len(train), "heldout_pairs": len(held),
+               "ranked_pairs": len(ranked), "offline_pairs": len(offline),
+               "train_loss": result.training_loss} | {f"ranked_{k}": v for k, v in counts.items()}
     metrics |= agreement(model, tok, samples, common.max_len, common.seed)
     resolved = {"reward_model": config.to_dict(params), "common": config.to_dict(common)}
-    reward.save(model, args.out, args.model, resolved)
+    if calibration:
+        metrics |= {"floor": calibration["threshold"], "floor_accuracy": calibration["accuracy"]}
+    reward.save(model, args.out, args.model, resolved, calibration)
     io.write_json(args.metrics, metrics)
     return metrics
 
@@ -133,7 +192,9 @@ def run(common, params: RewardModelParams, args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="backbone: the SFT model (checkpoint or adapter chain)")
-    p.add_argument("--prefs", required=True, help="training pairs (JSONL, schema `prefs`)")
+    p.add_argument("--prefs", required=True, help="offline training pairs (JSONL, schema `prefs`; may be empty)")
+    p.add_argument("--rm-samples", help="the SFT policy's samples on the reward model's prompts (JSONL, schema "
+                   "`samples`), ranked by their verifiers into training pairs")
     p.add_argument("--samples", required=True, help="the policy's samples (JSONL, schema `samples`), for agreement")
     p.add_argument("--out", required=True, help="output folder: adapter/, head.safetensors, backbone.json")
     p.add_argument("--metrics", required=True, help="metrics.json path")

@@ -196,7 +196,7 @@ def test_prepare_dataset_mode_splits_the_pairs(tmp_path, mlflow_db):
                             pairs="dataset", n_eval=5, n_train=10, n_sft=4)
     assert (stats["format"], stats["n_prefs"], stats["n_heldout_prefs"], stats["n_sft"]) == (
         "preference_implicit", 10, 5, 4)
-    assert files["rm_prefs.jsonl"] == files["prefs.jsonl"]
+    assert files["rm_prefs.jsonl"] == files["prefs.jsonl"] and files["rm_prompts.jsonl"] == []
     held = {p["id"] for p in files["heldout_prefs.jsonl"]}
     assert held == {r["id"] for r in files["eval.jsonl"]} and not held & {p["id"] for p in files["prefs.jsonl"]}
     assert all(r["verifier"] is None for r in files["train.jsonl"] + files["eval.jsonl"])
@@ -239,10 +239,13 @@ def test_prepare_refuses_data_that_leaves_nothing_to_train_on(tmp_path, mlflow_d
 
 def test_prepare_from_reasoning_gym(tmp_path, mlflow_db):
     stats, files = _prepare(tmp_path, mlflow_db, source="reasoning_gym", n_eval=4, n_train=6, n_sft=5, n_rm=3,
+                            n_rm_prompts=2,
                             reasoning_gym={"chain_sum": {"size": 20, "config": {"min_terms": 2, "max_terms": 2}}})
-    assert (stats["n_eval"], stats["n_train"], stats["n_sft"], stats["n_rm"]) == (4, 6, 5, 3)
-    texts = [r["messages"][0]["content"] for name in ("train.jsonl", "eval.jsonl", "sft.jsonl") for r in files[name]]
-    assert len(set(texts)) == len(texts) == 15
+    assert (stats["n_eval"], stats["n_train"], stats["n_sft"], stats["n_rm"], stats["n_rm_prompts"]) == (4, 6, 5, 3, 2)
+    texts = [r["messages"][0]["content"] for name in ("train.jsonl", "eval.jsonl", "sft.jsonl", "rm_prompts.jsonl")
+             for r in files[name]] + [p["prompt"][0]["content"] for p in files["rm_prefs.jsonl"]]
+    assert len(set(texts)) == len(texts) == 20  # every entry in one split at most
+    assert all(r["verifier"]["dataset"] == "chain_sum" for r in files["rm_prompts.jsonl"])
     spec = files["eval.jsonl"][0]["verifier"]
     assert spec["type"] == "reasoning_gym" and spec["dataset"] == "chain_sum" and spec["size"] == 20
     # each demo is its entry's reference answer; each reward pair's rejected answer is another entry's

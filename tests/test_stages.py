@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain import io, modeling, tasks
+from posttrain import io, modeling, preference, reward, tasks
 from stages import (
     dpo,
     evaluate,
@@ -48,9 +48,12 @@ def pipeline(workdir):
     out["sft"] = sft.main(["--params", p, "--model", d("models/base"), "--data", d("data/prepare/sft.jsonl"),
                            "--out", d("models/sft")])
     out["generate"] = generate.main(["--params", p, "--model", d("models/sft"), "--prompts",
-                                     d("data/prepare/train.jsonl"), "--out", d("data/samples.jsonl")])
+                                     d("data/prepare/train.jsonl"), "--out", d("data/samples.jsonl"),
+                                     "--rm-prompts", d("data/prepare/rm_prompts.jsonl"), "--rm-out",
+                                     d("data/rm_samples.jsonl")])
     out["reward_model"] = reward_model.main(["--params", p, "--model", d("models/sft"), "--prefs",
-                                             d("data/prepare/rm_prefs.jsonl"), "--samples", d("data/samples.jsonl"),
+                                             d("data/prepare/rm_prefs.jsonl"), "--rm-samples",
+                                             d("data/rm_samples.jsonl"), "--samples", d("data/samples.jsonl"),
                                              "--out", d("models/reward_model"), "--metrics",
                                              d("reports/reward_model.json")])
     out["label"] = label.main(["--params", p, "--samples", d("data/samples.jsonl"), "--reward-model",
@@ -81,12 +84,17 @@ def pipeline(workdir):
 def test_prepare_splits_are_disjoint_and_demos_correct(pipeline):
     d = pipeline["dir"] / "data/prepare"
     assert sorted(f.name for f in d.iterdir()) == ["eval.jsonl", "heldout_prefs.jsonl", "prefs.jsonl",
-                                                   "rm_prefs.jsonl", "sft.jsonl", "stats.json", "train.jsonl"]
+                                                   "rm_prefs.jsonl", "rm_prompts.jsonl", "sft.jsonl", "stats.json",
+                                                   "train.jsonl"]
     assert (d / "prefs.jsonl").read_text() == (d / "heldout_prefs.jsonl").read_text() == ""  # on-policy pairs
     train, ev = io.read_jsonl(d / "train.jsonl", "prompts"), io.read_jsonl(d / "eval.jsonl", "prompts")
     demos = io.read_jsonl(d / "sft.jsonl", "sft")
-    assert (len(train), len(ev), len(demos)) == (12, 10, 12)
-    texts = [r["messages"][0]["content"] for r in train + ev] + [r["messages"][0]["content"] for r in demos]
+    rm_prompts = io.read_jsonl(d / "rm_prompts.jsonl", "prompts")
+    rm_pairs = io.read_jsonl(d / "rm_prefs.jsonl", "prefs")
+    assert (len(train), len(ev), len(demos), len(rm_prompts)) == (12, 10, 12, 6)
+    assert all(r["verifier"] for r in rm_prompts)
+    texts = [r["messages"][0]["content"] for r in train + ev + rm_prompts] + [
+        r["messages"][0]["content"] for r in demos] + [r["prompt"][0]["content"] for r in rm_pairs]
     assert len(set(texts)) == len(texts), "a prompt appears in two splits"
     assert {r["task"] for r in train + ev} <= {"add", "word_count", "include"}
     # demos are the solver's: each scores 1.0 under the verifier of the prompt it answers
@@ -213,9 +221,18 @@ def test_reward_model_trains_its_head_and_measures_agreement(pipeline):
     assert float(head["scale"]) == pytest.approx(m["scale"]) and m["scale"] != 1.0  # starts at 1
     assert 0 <= m["heldout_accuracy_initial"] <= 1
     rm_pairs = io.read_jsonl(w / "data/prepare/rm_prefs.jsonl", "prefs")
-    assert len(rm_pairs) == 16 and m["train_pairs"] + m["heldout_pairs"] == 16
+    ranked, _ = reward_model.ranked_pairs(io.read_jsonl(w / "data/rm_samples.jsonl", "samples"), 0.5)
+    assert len(rm_pairs) == m["offline_pairs"] == 16 and m["ranked_pairs"] == len(ranked)
+    assert m["train_pairs"] + m["heldout_pairs"] == 16 + len(ranked)
     assert all(p["chosen_score"] > p["rejected_score"] for p in rm_pairs)
     assert 0 <= m["heldout_accuracy"] <= 1 and 0 <= m["verifier_agreement"] <= 1
+    # the floor is recomputed from the held-out pairs' rewards of the saved model
+    held = reward_model.split_heldout(rm_pairs + ranked, 0.25)[1]
+    model, tok = reward.load(w / "models/reward_model", torch.device("cpu"))
+    chosen, rejected = reward_model.heldout_rewards(model, tok, held, 96)
+    assert reward.threshold(w / "models/reward_model") == m["floor"] == pytest.approx(
+        reward.calibrate(chosen, rejected)["threshold"], abs=1e-4)
+    assert m["heldout_accuracy"] == reward_model.accuracy(chosen, rejected)
     assert m["agreement_prompts"] == 6
 
 
@@ -438,3 +455,38 @@ def test_heldout_pairs_all_dropped_stop_with_the_file_and_the_drops(workdir):
     pair = {"id": "h0", "prompt": [{"role": "user", "content": "2 + 2?"}], "chosen": "4", "rejected": " 4 "}
     with pytest.raises(io.InputError, match=r"heldout_prefs.jsonl: no usable pair .*chosen_equals_rejected': 1"):
         evaluate.heldout_pairs(model, tok, [pair], 96, 4, "heldout_prefs.jsonl", 100, 0)
+
+
+def test_generate_samples_the_reward_models_prompts_too(pipeline):
+    w = pipeline["dir"]
+    prompts = io.read_jsonl(w / "data/prepare/rm_prompts.jsonl", "prompts")
+    rows = io.read_jsonl(w / "data/rm_samples.jsonl", "samples")
+    assert [r["id"] for r in rows] == [r["id"] for r in prompts] and all(len(r["samples"]) == 4 for r in rows)
+    assert pipeline["generate"]["rm_prompts"] == 6 and pipeline["generate"]["samples"] == (12 + 6) * 4
+
+
+def test_ranked_pairs_pair_every_two_answers_a_margin_apart():
+    """51 + 42 = 93: '93' scores 1.0; '103' 0.5 * (1 - 10/93) = 0.446; '34' 0.5 * (1 - 59/93) = 0.183."""
+    q = [{"role": "user", "content": "What is 51 + 42?"}]
+    rows = [{"id": "p1", "messages": q, "verifier": {"type": "number", "answer": 93},
+             "samples": ["93", " 93 ", "103", "", "34"]},
+            {"id": "p2", "messages": q, "verifier": {"type": "number", "answer": 93}, "samples": ["103", "34"]},
+            {"id": "p3", "messages": q, "verifier": None, "samples": ["93", "34"]}]
+    pairs, counts = reward_model.ranked_pairs(rows, 0.5)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("93", "103"), ("93", "34")]
+    assert {p["group"] for p in pairs} == {"p1"} and len({p["id"] for p in pairs}) == 2
+    assert counts == {"no_verifier": 1, "empty_response": 1, "repeated_response": 1, "prompt_without_pair": 1}
+    # a margin below the wrong answers' gap (0.263) also ranks the two wrong ones, the nearer chosen
+    pairs, _ = reward_model.ranked_pairs(rows[1:2], 0.25)
+    assert [(p["chosen"], p["rejected"], round(p["chosen_score"], 3)) for p in pairs] == [("103", "34", 0.446)]
+
+
+def test_heldout_split_keeps_a_prompts_pairs_together():
+    pairs = [{"id": f"g{g}:{k}", "group": f"g{g}"} for g in range(40) for k in range(3)]
+    train, held = reward_model.split_heldout(pairs, 0.5)
+    assert train and held, "both sides used: the rule is not forced"
+    assert not {p["group"] for p in train} & {p["group"] for p in held}
+    assert all(sum(p["group"] == q["group"] for p in held) == 3 for q in held)
+    # pairs without a group split on their own ids, as before
+    alone = [{"id": f"x{i}"} for i in range(40)]
+    assert reward_model.split_heldout(alone, 0.5)[1] == [p for p in alone if preference.is_heldout(p["id"], 0.5)]
