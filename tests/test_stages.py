@@ -490,3 +490,17 @@ def test_heldout_split_keeps_a_prompts_pairs_together():
     # pairs without a group split on their own ids, as before
     alone = [{"id": f"x{i}"} for i in range(40)]
     assert reward_model.split_heldout(alone, 0.5)[1] == [p for p in alone if preference.is_heldout(p["id"], 0.5)]
+
+
+def test_label_refuses_a_floor_the_reward_model_does_not_have(workdir, tmp_path):
+    """A reward model saved without calibration.json (no held-out pairs): label.reward_floor names the folder."""
+    rm = reward.build(modeling.load_chain(workdir / "models/base"))
+    reward.save(rm, tmp_path / "rm", str(workdir / "models/base"), {})
+    samples = tmp_path / "samples.jsonl"
+    io.write_jsonl(samples, [{"id": "a", "messages": [{"role": "user", "content": "hi"}], "verifier": None,
+                              "samples": ["x", "y"]}])
+    p = str(tiny_params(tmp_path, label={"judge": "reward_model", "reward_floor": True}))
+    with pytest.raises(SystemExit, match=r"rm: no calibration.json .*label.reward_floor: false"):
+        label.main(["--params", p, "--samples", str(samples), "--reward-model", str(tmp_path / "rm"),
+                    "--out", str(tmp_path / "label")])
+    assert not (tmp_path / "label").exists()
