@@ -25,6 +25,7 @@ reward_model stage had held-out pairs to calibrate on.
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,9 +92,13 @@ def calibrate(chosen: list[float], rejected: list[float]) -> dict[str, float]:
     if not chosen or len(chosen) != len(rejected):
         raise ValueError(f"calibrate: needs as many chosen as rejected rewards, at least one ({len(chosen)}, "
                          f"{len(rejected)})")
-    best = max(sorted(set(chosen + rejected)),
-               key=lambda t: (sum(c >= t for c in chosen) + sum(r < t for r in rejected), -t))
-    right = sum(c >= best for c in chosen) + sum(r < best for r in rejected)
+    c_sorted, r_sorted = sorted(chosen), sorted(rejected)
+
+    def right_at(t: float) -> int:  # chosen >= t, plus rejected < t: two binary searches, so n log n in all
+        return len(c_sorted) - bisect.bisect_left(c_sorted, t) + bisect.bisect_left(r_sorted, t)
+
+    best = max(sorted(set(chosen + rejected)), key=lambda t: (right_at(t), -t))
+    right = right_at(best)
     return {"threshold": best, "accuracy": right / (2 * len(chosen)), "pairs": len(chosen)}
 
 

@@ -14,7 +14,7 @@ id):
   verifier as InstructGPT's labellers ranked their SFT model's outputs (`ranked_pairs`: every two responses to a
   prompt whose scores differ by at least `margin`). The judge thus learns the mistakes the policy makes, the ones
   `label` must tell apart (trained on solver answers over near misses instead, 0.72 of the pairs it kept agreed
-  with the gold verifier: bench/results/label_reward_model.json as of f042e70);
+  with the gold verifier: `git show 9f8a266:bench/results/label_reward_model.json`, measured at f042e70);
 - and the offline pairs of `prepare` (`--prefs`, rm_prefs.jsonl: a user's own pairs, or near misses, `n_rm`).
 Measured, in metrics.json:
 - `heldout_accuracy`: r(chosen) > r(rejected) on the held-out pairs; `heldout_accuracy_initial` the same before
@@ -70,9 +70,10 @@ def ranked_pairs(rows: list[dict], margin: float) -> tuple[list[dict], Counter]:
     """Preference pairs from sampled responses ranked by each prompt's gold verifier: every two distinct responses
     (by stripped text) whose scores differ by at least `margin`, the higher chosen. Each pair's `group` is its
     prompt's id, so all pairs of a prompt fall on the same side of the held-out split. Counted: rows without a
-    verifier, empty responses, repeated responses, and prompts that gave no pair."""
+    verifier, empty responses, repeated responses, and prompts that gave no pair. A verifier spec that cannot score
+    is a ValueError naming its row (1-based) and field."""
     pairs, counts = [], Counter()
-    for row in rows:
+    for i, row in enumerate(rows, start=1):
         if row.get("verifier") is None:
             counts["no_verifier"] += 1
             continue
@@ -82,8 +83,11 @@ def ranked_pairs(rows: list[dict], margin: float) -> tuple[list[dict], Counter]:
         for t in texts:
             if t.strip() in scored:
                 counts["repeated_response"] += 1
-            else:
+                continue
+            try:
                 scored[t.strip()] = (tasks.score(row["verifier"], t), t)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"row {i}: field 'verifier': {e!r}") from e
         before = len(pairs)
         for (a, ta), (b, tb) in itertools.combinations(scored.values(), 2):
             if abs(a - b) >= margin:
@@ -144,7 +148,10 @@ def run(common, params: RewardModelParams, args) -> dict:
 
     offline = io.read_jsonl(args.prefs, "prefs", allow_empty=True)
     rm_rows = io.read_jsonl(args.rm_samples, "samples", allow_empty=True) if args.rm_samples else []
-    ranked, counts = ranked_pairs(rm_rows, params.margin)
+    try:
+        ranked, counts = ranked_pairs(rm_rows, params.margin)
+    except ValueError as e:
+        raise io.InputError(f"{args.rm_samples}: {e}") from e
     pairs = ranked + offline
     if not pairs:  # a user's chat data brings no pairs: nothing to train, and label.judge: verifier needs none
         note = (f"{args.prefs} holds no preference pairs and the reward model's samples "

@@ -479,6 +479,8 @@ def test_ranked_pairs_pair_every_two_answers_a_margin_apart():
     # a margin below the wrong answers' gap (0.263) also ranks the two wrong ones, the nearer chosen
     pairs, _ = reward_model.ranked_pairs(rows[1:2], 0.25)
     assert [(p["chosen"], p["rejected"], round(p["chosen_score"], 3)) for p in pairs] == [("103", "34", 0.446)]
+    with pytest.raises(ValueError, match=r"row 2: field 'verifier': KeyError\('answer'\)"):
+        reward_model.ranked_pairs([rows[0], rows[1] | {"verifier": {"type": "number"}}], 0.5)
 
 
 def test_heldout_split_keeps_a_prompts_pairs_together():
