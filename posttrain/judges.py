@@ -174,13 +174,17 @@ class LlmJudge:
 
     @torch.no_grad()
     def verdicts(self, texts: list[str]) -> torch.Tensor:
-        """(N, 3) probabilities of A, B, C as the judge's first answer token, renormalised over the three."""
+        """(N, 3) probabilities of A, B, C as the judge's first answer token, renormalised over the three. Rows are
+        left-padded, so positions come from the mask: a verdict must not depend on its batch-mates' lengths."""
+        from posttrain import modeling
+
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(texts), self.params.batch_size):
             enc = self.tok(texts[start : start + self.params.batch_size], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(device)
-            logits = self.model(**enc, logits_to_keep=1).logits[:, -1].float()
+            logits = self.model(**enc, position_ids=modeling.positions(enc.attention_mask),
+                                logits_to_keep=1).logits[:, -1].float()
             out.append(logits[:, self.verdict_ids].softmax(-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, 3)
 

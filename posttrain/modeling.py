@@ -74,6 +74,13 @@ def build_model(spec: str, seed: int, trust_remote_code: bool = False):
     return model, tok
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids of a left-padded batch, as HF `generate` derives them: each row counts from 0 at its
+    first real token (padding gets 1; it is masked out). A forward over left-padded rows without them puts a row's
+    tokens at positions shifted by its padding, so its output depends on the lengths of its batch-mates."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
 def load_tokenizer(model_dir: str | Path, padding_side: str = "left"):
     from transformers import AutoTokenizer
 

@@ -34,10 +34,15 @@ def _generate_shared_prefill(model, enc, n: int, **kwargs) -> torch.Tensor:
 
     HF's num_return_sequences repeats the prompt before the prefill; with short answers the prefill dominates, so
     the prompt minus its last token is run once, its KV cache repeated n times, and generation resumes from it.
+    The prefill takes its positions from the attention mask, as `generate` does for the tokens after it: without
+    them a left-padded row's prompt sat at positions shifted by its padding, and its samples changed with the
+    lengths of its batch-mates (empty or off-topic answers, issue 21).
     """
     if n == 1:
         return model.generate(**enc, **kwargs)
-    prefix = model(input_ids=enc.input_ids[:, :-1], attention_mask=enc.attention_mask[:, :-1], use_cache=True)
+    mask = enc.attention_mask[:, :-1]
+    prefix = model(input_ids=enc.input_ids[:, :-1], attention_mask=mask, position_ids=modeling.positions(mask),
+                   use_cache=True)
     cache = prefix.past_key_values
     cache.batch_repeat_interleave(n)
     return model.generate(input_ids=enc.input_ids.repeat_interleave(n, dim=0),
