@@ -1,9 +1,13 @@
 """Step-level pairs (Step-DPO) from the step verifier: hand-written worked answers, every pair derived by hand; the
 label stage writing them; `preference.encode` continuing a partial assistant turn."""
 
+import json
+
 import pytest
 
-from posttrain import modeling, preference, step_pairs
+from posttrain import io, modeling, preference, step_pairs
+from stages import label
+from tests.conftest import tiny_params
 
 ADD = {"type": "chain_add", "operands": [55, 97, 23]}  # 55 + 97 = 152, 152 + 23 = 175, Answer: 175
 ADD_MSGS = [{"role": "user", "content": "Add 55, 97 and 23. Show each running total on its own line, then "
@@ -93,6 +97,57 @@ def test_a_repeated_prompt_gives_no_duplicate_pair():
     pairs, by_source, dropped = step_pairs.make([ADD_ROW, ADD_ROW | {"id": "c2"}], per_prompt=10)
     assert [p["id"] for p in pairs] == ["c1.step1.1", "c1.step0.2", "c1.step1.3"]
     assert dropped == {"same_first_mistake": 3}
+
+
+def _params(tmp_path, **label_block):
+    return str(tiny_params(tmp_path, label=label_block))
+
+
+def _samples(tmp_path, rows) -> str:
+    path = tmp_path / "samples.jsonl"
+    io.write_jsonl(path, rows)
+    return str(path)
+
+
+def test_label_writes_step_prefs_and_counts_them(tmp_path):
+    out = tmp_path / "label"
+    params = _params(tmp_path, step_pairs=True, step_pairs_per_prompt=2, margin=0.5)  # margin: right over wrong only
+    metrics = label.main(["--params", params, "--samples", _samples(tmp_path, [ADD_ROW, MUL_ROW, NUMBER_ROW]),
+                          "--out", str(out)])
+    written = io.read_jsonl(out / "step_prefs.jsonl", "prefs")
+    assert written == ADD_PAIRS[:2] + MUL_PAIRS[:2]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["step_pairs"] == {"pairs": 4, "by_source": {"own_sample": 2, "solver": 2},
+                                   "dropped": {"over_cap": 2, "same_first_mistake": 1, "wrong_step_missing": 1,
+                                               "empty_response": 1, "not_a_worked_task": 1}}
+    assert (metrics["step_pairs"], metrics["step_pairs_own_sample"], metrics["step_pairs_solver"]) == (4, 2, 2)
+    # the response-level pairs are label's as before: right over wrong in c1 and n1; m1 is all wrong
+    assert [p["id"] for p in io.read_jsonl(out / "prefs.jsonl", "prefs")] == ["c1", "n1"]
+
+
+def test_label_writes_no_empty_step_prefs(tmp_path):
+    """No worked task: no file (an empty DVC output draws warnings), and stats say 0; off, nothing is said."""
+    out = tmp_path / "label"
+    samples = _samples(tmp_path, [NUMBER_ROW])
+    label.main(["--params", _params(tmp_path, step_pairs=True), "--samples", samples, "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["prefs.jsonl", "stats.json"]
+    assert json.loads((out / "stats.json").read_text())["step_pairs"] == {
+        "pairs": 0, "by_source": {"own_sample": 0, "solver": 0}, "dropped": {"not_a_worked_task": 1}}
+    metrics = label.main(["--params", _params(tmp_path), "--samples", _samples(tmp_path, [ADD_ROW]), "--out",
+                          str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["prefs.jsonl", "stats.json"]
+    assert "step_pairs" not in json.loads((out / "stats.json").read_text()) and "step_pairs" not in metrics
+
+
+def test_label_refuses_step_pairs_it_cannot_make(tmp_path):
+    with pytest.raises(ValueError, match="step_pairs_per_prompt must be >= 1"):
+        label.LabelParams(step_pairs_per_prompt=0)
+    params = tiny_params(tmp_path, label={"step_pairs": True}, prepare={"pairs": "dataset"})
+    prefs = tmp_path / "prefs.jsonl"
+    io.write_jsonl(prefs, [ADD_PAIRS[1]])
+    with pytest.raises(SystemExit, match="step_pairs needs sampled answers"):
+        label.main(["--params", str(params), "--samples", _samples(tmp_path, [ADD_ROW]), "--pairs", str(prefs),
+                    "--out", str(tmp_path / "label")])
 
 
 @pytest.fixture(scope="module")
