@@ -170,3 +170,24 @@ def test_encode_continues_the_partial_assistant_turn(tok):
     # an empty prefix is a plain prompt, encoded as every response-level pair is
     plain = preference.encode(tok, ADD_PAIRS[1], max_len=256)
     assert tok.decode(plain["prompt_ids"]).endswith("'Answer: N'.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_reference_and_dpo_train_on_step_pairs(workdir, tmp_path):
+    """The reference cache of step pairs covers the tokens after the prefix only (the continuation, then the
+    end-of-turn <|im_end|> and newline), and the dpo stage trains on them with it (what a step_dpo row runs)."""
+    from stages import dpo, reference
+
+    pairs, _, _ = step_pairs.make([ADD_ROW, MUL_ROW], per_prompt=10)
+    prefs, ref, model = tmp_path / "step_prefs.jsonl", tmp_path / "reference", str(workdir / "models/base")
+    io.write_jsonl(prefs, pairs)
+    params = str(workdir / "params.yaml")
+    assert reference.main(["--params", params, "--model", model, "--prefs", str(prefs), "--out", str(ref)])[
+        "pairs"] == 6
+    tok = modeling.stage_tokenizer(model, padding_side="right")
+    cached = preference.read_token_values(ref / "logps.jsonl")
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            assert len(cached[p["id"]][side]) == len(tok(p[side], add_special_tokens=False).input_ids) + 2
+    out = dpo.main(["--params", params, "--variant", "dpo", "--model", model, "--prefs", str(prefs), "--reference",
+                    str(ref), "--guidance", str(ref), "--out", str(tmp_path / "step_dpo")])
+    assert out["pairs"] == 6 and out["steps"] == 2  # 6 pairs, batch_size 4 (profiles/tiny.yaml)
