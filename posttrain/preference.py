@@ -35,14 +35,20 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def encode(tok, pair: dict, max_len: int) -> dict[str, list[int]]:
     """Token ids of prompt, chosen and rejected through the chat template (as TRL does for conversational data),
-    with each completion cut so that prompt + completion fits `max_len` (the collator's keep_start truncation)."""
-    prompt = pair["prompt"]
-    p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with each completion cut so that prompt + completion fits `max_len` (the collator's keep_start truncation).
+    A prompt ending in an assistant message is a partial answer (`posttrain.step_pairs`): that turn stays open
+    and both completions continue it, rendered as the whole answer in one turn would be."""
+    prompt, start = pair["prompt"], ""
+    if prompt[-1]["role"] == "assistant":
+        p = tok.apply_chat_template(prompt, continue_final_message=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt, start = prompt[:-1], prompt[-1]["content"]
+    else:
+        p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     out = {}
     full = {}
     for side in ("chosen", "rejected"):
-        full[side] = tok.apply_chat_template(prompt + [{"role": "assistant", "content": pair[side]}], tokenize=True,
-                                             return_dict=True)["input_ids"]
+        full[side] = tok.apply_chat_template(prompt + [{"role": "assistant", "content": start + pair[side]}],
+                                             tokenize=True, return_dict=True)["input_ids"]
     n = min(_common_prefix(p, full["chosen"]), _common_prefix(p, full["rejected"]))
     out["prompt_ids"] = p[:n]
     for side in ("chosen", "rejected"):

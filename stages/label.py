@@ -20,6 +20,12 @@ the share of kept pairs whose chosen response the gold verifier also scores high
 
 With `prepare.pairs: dataset` nothing is judged: the data set's train pairs (`--pairs`, prepare's prefs.jsonl) are
 copied to `prefs.jsonl` (judge `dataset` in stats.json; prepare counted their drops) and the samples are not read.
+
+With `label.step_pairs`, the samples of worked tasks also give step-level pairs (Step-DPO, `posttrain.step_pairs`:
+the correct steps before a wrong answer's first wrong step move into the prompt), judged by the gold step verifier
+whatever `label.judge` is, written to `step_prefs.jsonl` (same schema, plus `source` and `step`) and counted by
+source and drop reason under `step_pairs` in `stats.json`. No pair, no file: an empty DVC output only draws
+warnings, and a stage that trains on the file fails on its absence as it would on no rows.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from posttrain import cli, formats, io, judges, tasks
+from posttrain import cli, formats, io, judges, step_pairs, tasks
 
 
 @dataclass
@@ -47,6 +53,11 @@ class LabelParams:
     batch_size: int = 32
     llm: judges.LlmJudgeParams = field(default_factory=judges.LlmJudgeParams)
     """The LLM judge (read only with judge: llm)."""
+    step_pairs: bool = False
+    """Also write step-level pairs of worked tasks (`step_prefs.jsonl`); needs sampled answers (prepare.pairs:
+    on_policy)."""
+    step_pairs_per_prompt: int = 2
+    """At most this many step pairs a prompt (besides one per distinct first mistake)."""
 
     def __post_init__(self) -> None:
         if self.judge not in judges.JUDGES:
@@ -55,6 +66,8 @@ class LabelParams:
             raise ValueError(f"margin must be in [0, 1], got {self.margin}")
         if not 0.5 <= self.min_prob < 1:
             raise ValueError(f"min_prob must be in [0.5, 1), got {self.min_prob}")
+        if self.step_pairs_per_prompt < 1:
+            raise ValueError(f"step_pairs_per_prompt must be >= 1, got {self.step_pairs_per_prompt}")
 
     def gap(self) -> float:
         """The score gap a pair needs, in the judge's units."""
@@ -112,6 +125,9 @@ def run(common, params: LabelParams, args) -> dict:
     if formats.pairs_mode(args.params) == "dataset":
         if not args.pairs:
             raise io.InputError("label: prepare.pairs is 'dataset' but no --pairs file (prepare's prefs.jsonl) given")
+        if params.step_pairs:
+            raise io.InputError("label: step_pairs needs sampled answers, and prepare.pairs is 'dataset' (nothing "
+                                "is sampled): set label.step_pairs: false")
         pairs = io.read_jsonl(args.pairs, "prefs")
         stats = {"judge": "dataset", "prompts": len(pairs), "pairs": len(pairs), "dropped": {}}
         with io.atomic_dir(args.out) as tmp:
@@ -139,6 +155,11 @@ def run(common, params: LabelParams, args) -> dict:
     stats = {"judge": params.judge, "prompts": len(rows), "pairs": len(pairs), "dropped": dict(dropped)}
     if floor is not None:
         stats["reward_floor"] = floor
+    steps, step_metrics = [], {}
+    if params.step_pairs:
+        steps, by_source, step_dropped = step_pairs.make(rows, params.step_pairs_per_prompt)
+        stats["step_pairs"] = {"pairs": len(steps), "by_source": by_source, "dropped": dict(step_dropped)}
+        step_metrics = {"step_pairs": len(steps)} | {f"step_pairs_{k}": v for k, v in by_source.items()}
     verifiers = {r["id"]: r["verifier"] for r in rows}
     if params.judge != "verifier" and all(verifiers[p["id"]] for p in pairs):  # how often the judge was right
         gold = [(tasks.score(verifiers[p["id"]], p["chosen"]), tasks.score(verifiers[p["id"]], p["rejected"]))
@@ -147,8 +168,10 @@ def run(common, params: LabelParams, args) -> dict:
         stats["gold_breakdown"] = gold_breakdown(gold)
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "prefs.jsonl", pairs)
+        if steps:
+            io.write_jsonl(tmp / "step_prefs.jsonl", steps)
         io.write_json(tmp / "stats.json", stats)
-    return {k: v for k, v in stats.items() if k not in ("judge", "dropped")} | {
+    return {k: v for k, v in stats.items() if k not in ("judge", "dropped", "step_pairs")} | step_metrics | {
         f"dropped_{k}": v for k, v in dropped.items()}
 
 
@@ -157,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", required=True, help="sampled responses (JSONL, schema `samples`)")
     p.add_argument("--reward-model", default="models/reward_model", help="reward_model stage output (judge)")
     p.add_argument("--pairs", help="prepare's train pairs (prefs.jsonl), copied when prepare.pairs is 'dataset'")
-    p.add_argument("--out", required=True, help="output folder: prefs.jsonl, stats.json")
+    p.add_argument("--out", required=True, help="output folder: prefs.jsonl, stats.json, step_prefs.jsonl")
     return cli.execute("label", LabelParams, p.parse_args(argv), run)
 
 
