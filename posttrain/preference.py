@@ -166,11 +166,12 @@ class PreferenceTrainer(DPOTrainer):
     """TRL's DPOTrainer with the loss taken from `posttrain.losses.LOSSES` and the reference read from the cache.
 
     The dataset is already encoded (`encode`) and carries per-token `ref_*_tok` (and for TGDPO `rhat_*_tok`)
-    columns; only the policy runs at each step.
+    columns; only the policy runs at each step. The step's loss is `LOSSES[loss].fn` with `loss_params` (an
+    instance of that row's params dataclass), and nothing else: a row is the loss its name says.
     """
 
-    def __init__(self, *args, loss: str, loss_kwargs: dict[str, Any], sft_weight: float = 0.0, **kwargs):
-        self.loss_name, self.loss_kwargs, self.sft_weight = loss, loss_kwargs, sft_weight
+    def __init__(self, *args, loss: str, loss_params: Any, **kwargs):
+        self.loss_name, self.loss_params = loss, loss_params
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -188,11 +189,10 @@ class PreferenceTrainer(DPOTrainer):
         rhat = inputs["rhat_tok"].to(logps.dtype) if "rhat_tok" in inputs else None
         c = lambda t: t.chunk(2, dim=0)  # noqa: E731
         (pc, pr), (rc, rr), (mc, mr) = c(logps), c(ref), c(mask)
-        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, *(c(rhat) if rhat is not None else ()))
-        per_example, chosen_rewards, rejected_rewards = losses.LOSSES[self.loss_name](batch, **self.loss_kwargs)
+        rhat_c, rhat_r = c(rhat) if rhat is not None else (None, None)
+        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, rhat_c, rhat_r)
+        per_example, chosen_rewards, rejected_rewards = losses.LOSSES[self.loss_name].fn(batch, self.loss_params)
         loss = per_example.mean()
-        if self.sft_weight > 0:  # RPO: NLL of the chosen completions, against likelihood displacement
-            loss = loss + self.sft_weight * -(pc.sum() / mc.sum().clamp(min=1))
         m = self._metrics[mode]
         m["rewards/chosen"].append(chosen_rewards.mean().item())
         m["rewards/rejected"].append(rejected_rewards.mean().item())
