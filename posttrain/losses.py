@@ -28,6 +28,7 @@ class PairBatch:
     rejected_mask: Tensor  # (B, T)
     rhat_chosen: Tensor | None = None  # (B, T) token-level reward guidance r_hat_t for y_w (TGDPO)
     rhat_rejected: Tensor | None = None  # (B, T)
+    shared: Tensor | None = None  # (B, T) 1 on the tokens y_w and y_l share from the first (same ids, same places)
 
     def logratios(self) -> tuple[Tensor, Tensor]:
         """sum_t m_t (log pi_theta - log pi_ref) for chosen and rejected: (B,) each."""
@@ -88,6 +89,12 @@ def rpo(b: PairBatch, p: RPOParams) -> Out:
 class TGDPOParams(DPOParams):
     alpha: float = 0.5
     """How strongly token guidance reshapes each token's beta; 0 is DPO exactly. The paper's default."""
+    cancel_shared_prefix: bool = False
+    """Weight beta on both sides for the tokens y_w and y_l share from the start, so they cancel as in DPO and the
+    guidance acts from the first token where the two differ (not in the paper; issue 22)."""
+    cap_rejected: bool = False
+    """Keep rejected-token weights in [0, beta] (cDPO-style, huggingface.co/papers/2411.19943): guidance may push a
+    rejected token less than DPO does, never more."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,13 +104,23 @@ class TGDPOParams(DPOParams):
 
 def tgdpo(b: PairBatch, p: TGDPOParams) -> Out:
     """TGDPO, practical form (huggingface.co/papers/2506.14574), each token with its own effective beta:
-    L = -log sigma( sum_t m_t beta (1 + alpha beta rhat_t[w]) (logp_theta_t - logp_ref_t)[w]
-                  - sum_t m_t beta (1 - alpha beta rhat_t[l]) (logp_theta_t - logp_ref_t)[l] ).
-    alpha = 0 (or rhat = 0) is DPO exactly."""
+    L = -log sigma( sum_t m_t w_t[w] (logp_theta_t - logp_ref_t)[w] - sum_t m_t w_t[l] (logp_theta_t - logp_ref_t)[l] )
+    with w_t[w] = beta (1 + alpha beta rhat_t[w]) and w_t[l] = beta (1 - alpha beta rhat_t[l]) in the paper.
+    alpha = 0 (or rhat = 0) is DPO exactly. A token both responses share at the same place after the same tokens
+    has the same log-ratio d and r_hat in both, so the paper's form leaves 2 alpha beta^2 r_hat d of it in the
+    margin; `cancel_shared_prefix` sets w = beta on those tokens (b.shared, (B, T)) on both sides, where
+    they cancel, and `cap_rejected` clamps w_t[l] to [0, beta]. With both off this is the paper's form."""
     if b.rhat_chosen is None or b.rhat_rejected is None:
         raise ValueError("tgdpo needs token-level guidance rhat_chosen / rhat_rejected")
     wc = p.beta * (1 + p.alpha * p.beta * b.rhat_chosen)  # (B, T)
     wl = p.beta * (1 - p.alpha * p.beta * b.rhat_rejected)
+    if p.cap_rejected:
+        wl = wl.clamp(0, p.beta)
+    if p.cancel_shared_prefix:
+        if b.shared is None:
+            raise ValueError("tgdpo with cancel_shared_prefix needs the shared-prefix mask `shared`")
+        keep = b.shared.bool()
+        wc, wl = wc.masked_fill(keep, p.beta), wl.masked_fill(keep, p.beta)
     sc = (wc * (b.policy_chosen - b.ref_chosen) * b.chosen_mask).sum(-1)
     sl = (wl * (b.policy_rejected - b.ref_rejected) * b.rejected_mask).sum(-1)
     cw, cl = b.logratios()

@@ -77,7 +77,9 @@ def encoded_rows(tok, pairs: list[dict], max_len: int, source: str) -> tuple[lis
 class PairCollator:
     """Batches encoded pairs for `pair_logps`: each prompt once, left-padded to (B, P); the chosen and rejected
     completions right-padded to (2B, C) as [chosen; rejected]; cached per-token columns (`ref_*_tok`,
-    `rhat_*_tok`) laid out like the completions, as `ref_tok` / `rhat_tok` (2B, C)."""
+    `rhat_*_tok`) laid out like the completions, as `ref_tok` / `rhat_tok` (2B, C); and `shared_mask` (B, C),
+    1 on the completion tokens a pair's chosen and rejected share from the first (same ids at the same places:
+    after the shared prompt, the same context, so the same log-probs and guidance on both sides)."""
 
     pad_token_id: int
 
@@ -95,6 +97,9 @@ class PairCollator:
         for i, ids in enumerate(comps):
             out["completion_ids"][i, : len(ids)] = torch.tensor(ids)
             out["completion_mask"][i, : len(ids)] = 1
+        out["shared_mask"] = torch.zeros(b, c, dtype=torch.long)
+        for i, e in enumerate(examples):
+            out["shared_mask"][i, : _common_prefix(e["chosen_ids"], e["rejected_ids"])] = 1
         for name in ("ref", "rhat"):
             if f"{name}_chosen_tok" not in examples[0]:
                 continue
@@ -190,7 +195,7 @@ class PreferenceTrainer(DPOTrainer):
         c = lambda t: t.chunk(2, dim=0)  # noqa: E731
         (pc, pr), (rc, rr), (mc, mr) = c(logps), c(ref), c(mask)
         rhat_c, rhat_r = c(rhat) if rhat is not None else (None, None)
-        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, rhat_c, rhat_r)
+        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, rhat_c, rhat_r, inputs["shared_mask"].to(logps))
         per_example, chosen_rewards, rejected_rewards = losses.LOSSES[self.loss_name].fn(batch, self.loss_params)
         loss = per_example.mean()
         m = self._metrics[mode]

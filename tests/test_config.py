@@ -93,6 +93,10 @@ BAD = [
      r"dpo.variants.dpo: unknown key\(s\) \['alpha'\]; loss 'kto' reads \['beta', 'desirable_weight'"),
     ({"dpo": {"variants": {"dpo": ROW | {"nll_weight": 0.5}}}}, r"unknown key\(s\) \['nll_weight'\]"),
     ({"dpo": {"defaults": {"beta": 0.1}}}, r"dpo.defaults: unknown key\(s\) \['beta'\]"),  # the old shape
+    ({"dpo": {"variants": {"dpo": ROW | {"loss": "tgdpo", "cancel_shared_prefix": "yes"}}}},
+     r"dpo.variants.dpo.cancel_shared_prefix: expected bool"),
+    ({"dpo": {"variants": {"dpo": ROW | {"loss": "tgdpo", "cap_rejected": "no"}}}},
+     r"dpo.variants.dpo.cap_rejected: expected bool"),
     ({"sft": {"epochs": "two"}}, r"sft.epochs: expected float, got str"),
     ({"sft": {"lora": "yes"}}, r"sft.lora: expected bool"),
     ({"generate": {"n_samples": 1}}, r"n_samples must be >= 2"),
@@ -146,14 +150,18 @@ def test_evaluate_models_are_exactly_the_trained_and_merged_ones(path):
 
 
 def test_default_runs_every_loss_and_evaluates_every_variant():
-    """params.yaml has a dpo variant per loss in LOSSES, each evaluated; the guided rows name every guidance source."""
+    """params.yaml has a dpo variant per loss in LOSSES, each evaluated; the guided rows name every guidance source,
+    in the paper's form and with the shared prefix cancelled."""
     _, params = config.load(dpo.DpoParams, "dpo", ROOT / "params.yaml")
     rows = {v: dpo.resolve(params, v, "params.yaml") for v in params.variants}
     assert {r.loss for r in rows.values()} == set(losses.LOSSES)
     raw = config.read_yaml(ROOT / "params.yaml")
     assert set(params.variants) <= set(raw["evaluate"]["models"])
     sources = {f"data/guidance/{name}" for name in raw["guidance"]["sources"]}
-    assert {r.guidance for r in rows.values() if losses.LOSSES[r.loss].guided} == sources
+    for cancel in (False, True):
+        guided = {r.guidance for r in rows.values()
+                  if losses.LOSSES[r.loss].guided and r.loss_params.cancel_shared_prefix is cancel}
+        assert guided == sources, cancel
     assert rows["dpo"].loss_params == losses.DPOParams() and rows["rpo"].loss_params == losses.RPOParams()
 
 

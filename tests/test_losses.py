@@ -71,7 +71,7 @@ def _random_batch(seed=0, B=4, T=7) -> PairBatch:
     mask[:, 0] = 1
     return PairBatch(r(), r(), r(), r(), mask, mask.flip(-1).clone().index_fill_(1, torch.tensor([0]), 1.0),
                      torch.randn(B, T, generator=g, dtype=torch.float64),
-                     torch.randn(B, T, generator=g, dtype=torch.float64))
+                     torch.randn(B, T, generator=g, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64))
 
 
 def test_dpop_penalises_a_chosen_log_ratio_below_zero():
@@ -110,8 +110,10 @@ def test_each_loss_reads_its_params_class_and_default_values_live_there_only():
 
 def test_tgdpo_with_alpha_zero_is_dpo():
     b = _random_batch()
-    assert_close(losses.tgdpo(b, losses.TGDPOParams(beta=0.3, alpha=0.0))[0],
-                 losses.dpo(b, losses.DPOParams(beta=0.3))[0])
+    dpo = losses.dpo(b, losses.DPOParams(beta=0.3))[0]
+    assert_close(losses.tgdpo(b, losses.TGDPOParams(beta=0.3, alpha=0.0))[0], dpo)
+    b.shared[:, :2] = 1
+    assert_close(losses.tgdpo(b, losses.TGDPOParams(beta=0.3, alpha=0.0, cancel_shared_prefix=True))[0], dpo)
 
 
 def test_tgdpo_with_zero_guidance_is_dpo():
@@ -150,3 +152,83 @@ def test_tgdpo_pushes_rewarded_chosen_tokens_harder():
         grads[alpha] = b.policy_chosen.grad[0].clone()
     assert grads[1.0][0].abs() > grads[0.0][0].abs()
     assert grads[1.0][2] == grads[0.0][2] == 0  # padding gets no gradient
+
+
+def shared_pair(shared_logp: torch.Tensor | None = None) -> PairBatch:
+    """One pair whose first token is shared (same id after the same prompt: same log-probs and r_hat both sides):
+      policy_chosen   = [-1.0, -2.0]   ref_chosen   = [-1.5, -2.5]  -> d_w = [0.5, 0.5]
+      policy_rejected = [-1.0, -1.0]   ref_rejected = [-1.5, -1.0]  -> d_l = [0.5, 0.0]
+      rhat_chosen = [-2, 2], rhat_rejected = [-2, -2], shared = [1, 0]
+    `shared_logp` (a leaf, shape (1, 1)) stands for the first token's policy log-prob on both sides, as one model
+    output does, so its gradient is what the shared token receives."""
+    t = lambda *v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    s = t(-1.0) if shared_logp is None else shared_logp
+    mask = t(1, 1)
+    return PairBatch(torch.cat([s, t(-2.0)], 1), torch.cat([s, t(-1.0)], 1), t(-1.5, -2.5), t(-1.5, -1.0), mask,
+                     mask.clone(), t(-2, 2), t(-2, -2), t(1, 0))
+
+
+def test_tgdpo_shared_prefix_cancellation_by_hand():
+    """beta 0.1, alpha 0.5 (alpha beta = 0.05).
+    Paper form: w_w = 0.1(1 + 0.05[-2, 2]) = [0.09, 0.11], w_l = 0.1(1 - 0.05[-2, -2]) = [0.11, 0.11];
+      margin = (0.09*0.5 + 0.11*0.5) - (0.11*0.5 + 0.11*0) = 0.045.
+    Cancelled: the shared token weighs 0.1 on both sides: w_w = [0.1, 0.11], w_l = [0.1, 0.11];
+      margin = (0.05 + 0.055) - (0.05 + 0) = 0.055.
+    The difference, -0.01, is the shared token's 2 alpha beta^2 r_hat d = 2 * 0.5 * 0.01 * -2 * 0.5."""
+    paper = losses.TGDPOParams(beta=0.1, alpha=0.5)
+    cancel = losses.TGDPOParams(beta=0.1, alpha=0.5, cancel_shared_prefix=True)
+    assert_close(losses.tgdpo(shared_pair(), paper)[0], torch.tensor([softplus_neg(0.045)], dtype=torch.float64))
+    assert_close(losses.tgdpo(shared_pair(), cancel)[0], torch.tensor([softplus_neg(0.055)], dtype=torch.float64))
+
+
+def test_tgdpo_cancellation_leaves_the_shared_prefix_no_gradient():
+    """d L / d s, s the shared token's log-prob: 0 cancelled (as DPO); under the paper's form
+    -sigma(-m) (w_w - w_l) = -sigma(-0.045) * (0.09 - 0.11)."""
+    grads = {}
+    for cancel in (True, False):
+        s = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+        p = losses.TGDPOParams(beta=0.1, alpha=0.5, cancel_shared_prefix=cancel)
+        losses.tgdpo(shared_pair(s), p)[0].sum().backward()
+        grads[cancel] = float(s.grad)
+    s = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    losses.dpo(shared_pair(s), losses.DPOParams(beta=0.1))[0].sum().backward()
+    assert grads[True] == float(s.grad) == 0.0
+    assert grads[False] == pytest.approx(0.02 / (1 + math.exp(0.045)), rel=1e-9)
+
+
+def test_tgdpo_cancellation_without_a_shared_prefix_is_the_paper_form():
+    b = _random_batch(5)
+    paper = losses.tgdpo(b, losses.TGDPOParams(beta=0.2, alpha=0.7))[0]
+    assert_close(losses.tgdpo(b, losses.TGDPOParams(beta=0.2, alpha=0.7, cancel_shared_prefix=True))[0], paper)
+    b.shared[:, 0] = 1
+    assert not torch.allclose(
+        losses.tgdpo(b, losses.TGDPOParams(beta=0.2, alpha=0.7, cancel_shared_prefix=True))[0], paper)
+
+
+def test_tgdpo_cancellation_needs_the_shared_mask():
+    b = shared_pair()
+    b.shared = None
+    with pytest.raises(ValueError, match="shared-prefix mask"):
+        losses.tgdpo(b, losses.TGDPOParams(cancel_shared_prefix=True))
+
+
+def test_tgdpo_rejected_cap_by_hand():
+    """d_w = [0.5, 0.5], d_l = [-0.5, -1.0], rhat_w = [0, 0], rhat_l = [30, -4]; beta 0.1, alpha 0.5.
+    w_l = 0.1(1 - 0.05[30, -4]) = [-0.05, 0.12]; capped to [0, beta]: [0, 0.1]. sum w_w d_w = 0.1.
+    Paper: 0.1 - (-0.05*-0.5 + 0.12*-1.0) = 0.1 + 0.095 = 0.195. Capped: 0.1 - (0 + 0.1*-1.0) = 0.2."""
+    t = lambda *v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    b = PairBatch(t(-1.0, -2.0), t(-1.0, -2.0), t(-1.5, -2.5), t(-0.5, -1.0), t(1, 1), t(1, 1), t(0, 0), t(30, -4))
+    paper = losses.tgdpo(b, losses.TGDPOParams(beta=0.1, alpha=0.5))[0]
+    capped = losses.tgdpo(b, losses.TGDPOParams(beta=0.1, alpha=0.5, cap_rejected=True))[0]
+    assert_close(paper, torch.tensor([softplus_neg(0.195)], dtype=torch.float64))
+    assert_close(capped, torch.tensor([softplus_neg(0.2)], dtype=torch.float64))
+
+
+def test_the_collator_marks_the_tokens_chosen_and_rejected_share_from_the_start():
+    from posttrain.preference import PairCollator
+
+    rows = [{"prompt_ids": [1], "chosen_ids": [5, 6, 7, 8], "rejected_ids": [5, 6, 9]},
+            {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 3]},
+            {"prompt_ids": [1], "chosen_ids": [5, 6], "rejected_ids": [5, 6, 7]}]
+    shared = PairCollator(pad_token_id=0)(rows)["shared_mask"]
+    assert shared.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]

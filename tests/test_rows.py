@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 def hand_batch(workdir, tmp_path_factory):
     """Two pairs on the tiny base model with hand-written caches, built so that every distinct row of params.yaml
     gives another loss: reference log-probs 0 (the chosen log-ratio is negative, so DPOP's penalty acts), r_hat
-    varying per token."""
+    varying per token and equal on both sides of the shared prefix (pair `a` shares `47 + 38 = 8`)."""
     tmp = tmp_path_factory.mktemp("hand")
     tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
     q = [{"role": "user", "content": "What is 47 + 38?"}]
@@ -55,7 +55,8 @@ def _row_loss(hand, variant: str, model):
 
     mask = batch["completion_mask"].double()
     b = losses.PairBatch(logps[:n], logps[n:], pad(hand["ref"], "chosen"), pad(hand["ref"], "rejected"), mask[:n],
-                         mask[n:], pad(hand["rhat"], "chosen"), pad(hand["rhat"], "rejected"))
+                         mask[n:], pad(hand["rhat"], "chosen"), pad(hand["rhat"], "rejected"),
+                         batch["shared_mask"].double())
     return (common, vp, data, batch), losses.LOSSES[vp.loss].fn(b, vp.loss_params)[0].mean()
 
 

@@ -28,6 +28,7 @@ VARIANTS = {
     "rpo": {"loss": "rpo", "guidance": "data/reference"},
     "tgdpo": {"loss": "tgdpo", "guidance": "data/guidance/dpo"},
     "tgdpo_token": {"loss": "tgdpo", "guidance": "data/guidance/token_reward"},
+    "tgdpo_cancel": {"loss": "tgdpo", "guidance": "data/guidance/dpo", "cancel_shared_prefix": True},
     "ipo": {"loss": "ipo", "guidance": "data/reference"},
     "simpo": {"loss": "simpo", "guidance": "data/reference"},
     "orpo": {"loss": "orpo", "guidance": "data/reference"},
