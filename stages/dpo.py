@@ -10,7 +10,8 @@ Each row of `dpo.variants` names a `loss` of `posttrain.losses.LOSSES` and gives
 are `dpo.defaults`. dvc.yaml makes dpo@<row> depend on `dpo.defaults` and its own row only. Training is TRL's
 DPOTrainer subclassed in `posttrain.preference` (only the loss is replaced); the reference per-token log-probs come
 from the `reference` stage's cache and a guided loss's token guidance from `--guidance` (a `guidance` stage's
-folder; other losses ignore it). The policy is a fresh LoRA adapter on the merged SFT weights.
+folder; other losses ignore it). The policy is a fresh LoRA adapter on the merged SFT weights, seeded by
+`dpo.defaults.seed`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from posttrain import cli, config, io, losses, modeling, preference, training
 class TrainParams:
     """The training knobs every row shares (`dpo.defaults`); a row may override any of them."""
 
+    seed: int = 0
+    """Seeds LoRA initialisation and batch order; `common.seed` drives the data. Multi-seed runs vary this one
+    (`dvc exp run -S dpo.defaults.seed=1`): every row re-trains on the same pairs and caches."""
     learning_rate: float = 1e-4
     epochs: float = 1.0
     batch_size: int = 8
@@ -128,7 +132,7 @@ def make_trainer(model, tok, dataset, params: VariantParams, common, device, out
         output_dir=output_dir, learning_rate=params.learning_rate, num_train_epochs=params.epochs,
         per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum, max_length=common.max_len, logging_steps=params.logging_steps,
-        save_steps=params.save_steps, seed=common.seed, lr_scheduler_type="cosine", remove_unused_columns=False,
+        save_steps=params.save_steps, seed=params.seed, lr_scheduler_type="cosine", remove_unused_columns=False,
         **training.device_args(device))
     return preference.PreferenceTrainer(
         model=model, args=cfg, train_dataset=dataset, processing_class=tok,

@@ -97,6 +97,7 @@ BAD = [
      r"dpo.variants.dpo.cancel_shared_prefix: expected bool"),
     ({"dpo": {"variants": {"dpo": ROW | {"loss": "tgdpo", "cap_rejected": "no"}}}},
      r"dpo.variants.dpo.cap_rejected: expected bool"),
+    ({"dpo": {"variants": {"dpo": ROW | {"seed": 1.5}}}}, r"dpo.variants.dpo.seed: expected int"),
     ({"sft": {"epochs": "two"}}, r"sft.epochs: expected float, got str"),
     ({"sft": {"lora": "yes"}}, r"sft.lora: expected bool"),
     ({"generate": {"n_samples": 1}}, r"n_samples must be >= 2"),
@@ -179,7 +180,7 @@ def test_a_row_parses_its_own_loss_params_and_may_override_a_training_knob():
                                                   "learning_rate": 5e-5}})
     row = dpo.resolve(params, "fast_kto", "p.yaml")
     assert row.loss_params == losses.KTOParams(beta=0.3) and row.learning_rate == 5e-5
-    assert row.epochs == params.defaults.epochs
+    assert row.seed == params.defaults.seed and row.epochs == params.defaults.epochs
     assert params.defaults.learning_rate == 1e-4  # the shared block is left as it was
 
 
@@ -187,3 +188,4 @@ def test_the_dpo_stage_depends_on_the_shared_block_and_its_own_row_only():
     """So a change to one row's hyper-parameter re-runs that row alone (tests/test_dvc.py sees it in dvc status)."""
     wanted = DVC["stages"]["dpo"]["do"]["params"]
     assert [p for p in wanted if p.startswith("dpo")] == ["dpo.defaults", "dpo.variants.${key}"]
+    assert "common.seed" not in wanted and "common.seed" not in DVC["stages"]["sft"]["params"]
