@@ -65,7 +65,7 @@ class VariantParams(TrainParams):
         cls = losses.LOSSES[self.loss].params
         if self.loss_params is None:
             self.loss_params = cls()
-        if not isinstance(self.loss_params, cls):
+        if type(self.loss_params) is not cls:
             raise ValueError(f"loss_params of loss {self.loss!r} must be a {cls.__name__}, got {self.loss_params!r}")
 
 
