@@ -81,3 +81,21 @@ def test_the_hand_batch_tells_every_row_apart(workdir, hand_batch):
         values[(vp.loss, repr(vp.loss_params))] = float(expected)
     ordered = sorted(values.values())
     assert min(b - a for a, b in zip(ordered, ordered[1:], strict=False)) > 1e-3, values
+
+
+def test_dpo_defaults_seed_seeds_the_trainer_and_the_lora_initialisation(workdir, hand_batch):
+    """dpo.defaults.seed, not common.seed (the data's), reaches TRL: its args and the LoRA A matrices it draws."""
+    common, _ = config.load(dpo.DpoParams, "dpo", ROOT / "params.yaml")
+    lora_a = {}
+    for seed in (3, 3, 4):
+        vp = dpo.resolve(dpo.DpoParams(defaults=dpo.TrainParams(seed=seed)), "dpo", "p.yaml")
+        data, _ = dpo.build_dataset(hand_batch["tok"], hand_batch["pairs"], vp, common.max_len,
+                                    hand_batch["dir"] / "reference", hand_batch["dir"] / "guidance", "hand")
+        trainer = dpo.make_trainer(modeling.load_chain(workdir / "models/base"), hand_batch["tok"], data, vp, common,
+                                   torch.device("cpu"), str(hand_batch["dir"] / f"seed{seed}"))
+        assert trainer.args.seed == seed
+        weights = [p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n]
+        if seed in lora_a:
+            assert all(torch.equal(a, b) for a, b in zip(lora_a[seed], weights, strict=True))
+        lora_a[seed] = weights
+    assert not all(torch.equal(a, b) for a, b in zip(lora_a[3], lora_a[4], strict=True))
