@@ -128,13 +128,8 @@ def tgdpo(b: PairBatch, p: TGDPOParams) -> Out:
 
 
 @dataclass
-class IPOParams:
-    beta: float = 0.1
-    """tau: the target log-ratio margin is 1/(2 tau); smaller tau, larger margin."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+class IPOParams(DPOParams):
+    """beta is tau: the target log-ratio margin is 1/(2 tau); smaller tau, larger margin."""
 
 
 def ipo(b: PairBatch, p: IPOParams) -> Out:
@@ -147,17 +142,13 @@ def ipo(b: PairBatch, p: IPOParams) -> Out:
 
 
 @dataclass
-class SimPOParams:
+class SimPOParams(DPOParams):
     beta: float = 2.0
     """Reward scale on the (length-normalised) log-prob; the paper's range is 2-2.5."""
     gamma: float = 0.5
     """Target reward margin."""
     length_normalize: bool = True
     """Average the log-prob over tokens (the paper's form)."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
 
 
 def simpo(b: PairBatch, p: SimPOParams) -> Out:
@@ -173,13 +164,8 @@ def simpo(b: PairBatch, p: SimPOParams) -> Out:
 
 
 @dataclass
-class ORPOParams:
-    beta: float = 0.1
-    """lambda: weight of the odds-ratio term against the SFT NLL (TRL's name for it is beta too)."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+class ORPOParams(DPOParams):
+    """beta is lambda, the weight of the odds-ratio term against the SFT NLL (TRL calls it beta too)."""
 
 
 def orpo(b: PairBatch, p: ORPOParams) -> Out:
