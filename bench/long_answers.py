@@ -16,7 +16,8 @@ reference cache, and evaluated greedily on its held-out prompts (data/prepare/ev
   `--scales` k. With alpha 0.5 and beta 0.1 a token's beta moves by 0.05 k r_hat: k = 1 is the pipeline's row
   (`tgdpo_token`), k = 10 lets the guidance halve or double a token's weight.
 What varies with the seed is training only (LoRA initialisation, batch order), as in bench/seeds.py; the seed equal
-to the pipeline's `common.seed` reuses the pipeline's dpo, tgdpo and tgdpo_token models and answers where they exist.
+to the pipeline's `dpo.defaults.seed` reuses the pipeline's dpo, tgdpo and tgdpo_token models and answers where they
+exist.
 
 Measured:
 - end scores: gold pass rate and mean step score (share of right steps, `tasks.step_share`) per method, the mean
@@ -71,10 +72,10 @@ def method_names(scales: list[float]) -> list[str]:
 
 
 def bench_params(repo: Path, params: dict, seed: int, **blocks) -> dict:
-    """The pipeline's params with `common.seed` = seed, MLflow runs into the repo's store under their own
+    """The pipeline's params with `dpo.defaults.seed` = seed, MLflow runs into the repo's store under their own
     experiment, and `blocks` merged over their blocks (one level deep)."""
     out = copy.deepcopy(params)
-    out["common"]["seed"] = seed
+    out["dpo"]["defaults"]["seed"] = seed
     uri = out["common"]["mlflow_uri"]
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
         out["common"]["mlflow_uri"] = f"sqlite:///{repo / uri.removeprefix('sqlite:///')}"
@@ -141,7 +142,7 @@ def _guidance(p: str, name: str, model: Path, repo: Path, out: Path) -> Path:
 def learned_guidance(repo: Path, params: dict, scales: list[float], work: Path) -> tuple[dict, dict, dict]:
     """The token reward heads (the pipeline's, and one trained here for each other aggregator), their r_hat at
     scale 1 for blame localisation, and the pipeline head's r_hat at each scale for training; shared by seeds."""
-    seed = params["common"]["seed"]
+    seed = params["dpo"]["defaults"]["seed"]
     own = params["token_reward"]["aggregator"]
     heads, accuracy, blame_rhat = {}, {}, {}
     for agg in tr.AGGREGATORS:
@@ -174,7 +175,7 @@ def learned_guidance(repo: Path, params: dict, scales: list[float], work: Path) 
 def reusable(repo: Path, params: dict, seed: int, scales: list[float]) -> dict[str, str]:
     """Method -> the pipeline's dpo variant trained exactly as the method would be here, for the pipeline's own
     seed: dpo, tgdpo (DPO-induced guidance) and tgdpo_token at the pipeline's guidance scale; those present."""
-    if seed != params["common"]["seed"]:
+    if seed != params["dpo"]["defaults"]["seed"]:
         return {}
     scale = params["guidance"]["sources"].get("token_reward", {}).get("scale", 1.0)
     same = {"dpo": "dpo", "tgdpo": "tgdpo"} | ({f"tgdpo_token_x{scale:g}": "tgdpo_token"} if scale in scales else {})

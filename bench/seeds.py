@@ -3,11 +3,11 @@
     python -m bench.seeds --repo .                  # after `dvc repro` (needs its models/sft, prefs, caches)
     python -m bench.seeds --repo . --seeds 0 1 2
 
-What varies with the seed is training only (LoRA initialisation and batch order, `common.seed`); the SFT model, the
-sampled pairs, the reference cache and the learned token reward are the pipeline's, shared by every seed, so the
+What varies with the seed is training only (LoRA initialisation and batch order, `dpo.defaults.seed`); the SFT model,
+the sampled pairs, the reference cache and the learned token reward are the pipeline's, shared by every seed, so the
 spread is the optimiser's alone. For each seed: dpo@dpo -> guidance@dpo (from this seed's DPO model) -> dpo@tgdpo,
 and dpo@tgdpo_token (guidance from the pipeline's token reward model), each evaluated greedily on the eval split.
-Seed = `common.seed` of the pipeline is the pipeline's own run, reused when its outputs exist.
+Seed = `dpo.defaults.seed` of the pipeline is the pipeline's own run, reused when its outputs exist.
 
 Writes bench/results/seeds.json: per variant and seed the gold pass rate and win rate vs the SFT model (per
 prompt: win 1 / tie 0.5 / loss 0 on the gold score); per variant the mean and a 95% t-interval over seeds; and
@@ -49,10 +49,10 @@ def answers(path: Path) -> dict[str, float]:
 def run_seed(repo: Path, seed: int, work: Path) -> dict[str, Path]:
     """Train and evaluate the three variants for one seed; returns each variant's answers file."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    if seed == params["common"]["seed"] and all((repo / f"reports/evaluate/{v}/answers.jsonl").exists()
+    if seed == params["dpo"]["defaults"]["seed"] and all((repo / f"reports/evaluate/{v}/answers.jsonl").exists()
                                                 for v in VARIANTS):
         return {v: repo / f"reports/evaluate/{v}/answers.jsonl" for v in VARIANTS}
-    params["common"]["seed"] = seed
+    params["dpo"]["defaults"]["seed"] = seed
     uri = params["common"]["mlflow_uri"]
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
         params["common"]["mlflow_uri"] = f"sqlite:///{repo / uri.removeprefix('sqlite:///')}"

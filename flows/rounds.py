@@ -24,7 +24,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain import config, io, stats, tasks
+from posttrain import config, io, losses, stats, tasks
 
 ROUNDS = Path("rounds")
 PREPARE = Path("data/prepare")
@@ -235,7 +235,7 @@ def plan(spec: dict) -> list[Step]:
     dpo_params = config.parse(dpo.DpoParams, spec.get("dpo"), f"{where}: dpo")
     variant = dpo.resolve(dpo_params, r.variant, where)
     guidance = reference
-    if variant.loss == "tgdpo":  # the variant's guidance source, re-made on this round's pairs
+    if losses.LOSSES[variant.loss].guided:  # the variant's guidance source, re-made on this round's pairs
         source_name, source = _guidance_source(spec, variant, r, where)
         if source.kind == "token_reward":  # its backbone: the reference, as models/sft in dvc.yaml
             guide, metrics = d / "token_reward", d / "token_reward_metrics.json"

@@ -1,7 +1,7 @@
 """Typed params: each `params.yaml` block parses into a stage's dataclass, refusing unknown keys and wrong types.
 
 A stage calls `load(ParamsCls, stage_name, params_path)` and gets `(common, params)`. Errors name the file and the
-key's path (`params.yaml: dpo.beta: ...`) so a typo never silently falls back to a default.
+key's path (`params.yaml: sft.epochs: ...`) so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations

@@ -83,7 +83,9 @@ def encoded_rows(tok, pairs: list[dict], max_len: int, source: str) -> tuple[lis
 class PairCollator:
     """Batches encoded pairs for `pair_logps`: each prompt once, left-padded to (B, P); the chosen and rejected
     completions right-padded to (2B, C) as [chosen; rejected]; cached per-token columns (`ref_*_tok`,
-    `rhat_*_tok`) laid out like the completions, as `ref_tok` / `rhat_tok` (2B, C)."""
+    `rhat_*_tok`) laid out like the completions, as `ref_tok` / `rhat_tok` (2B, C); and `shared_mask` (B, C),
+    1 on the completion tokens a pair's chosen and rejected share from the first (same ids at the same places:
+    after the shared prompt, the same context, so the same log-probs and guidance on both sides)."""
 
     pad_token_id: int
 
@@ -101,6 +103,9 @@ class PairCollator:
         for i, ids in enumerate(comps):
             out["completion_ids"][i, : len(ids)] = torch.tensor(ids)
             out["completion_mask"][i, : len(ids)] = 1
+        out["shared_mask"] = torch.zeros(b, c, dtype=torch.long)
+        for i, e in enumerate(examples):
+            out["shared_mask"][i, : _common_prefix(e["chosen_ids"], e["rejected_ids"])] = 1
         for name in ("ref", "rhat"):
             if f"{name}_chosen_tok" not in examples[0]:
                 continue
@@ -172,11 +177,12 @@ class PreferenceTrainer(DPOTrainer):
     """TRL's DPOTrainer with the loss taken from `posttrain.losses.LOSSES` and the reference read from the cache.
 
     The dataset is already encoded (`encode`) and carries per-token `ref_*_tok` (and for TGDPO `rhat_*_tok`)
-    columns; only the policy runs at each step.
+    columns; only the policy runs at each step. The step's loss is `LOSSES[loss].fn` with `loss_params` (an
+    instance of that row's params dataclass), and nothing else: a row is the loss its name says.
     """
 
-    def __init__(self, *args, loss: str, loss_kwargs: dict[str, Any], sft_weight: float = 0.0, **kwargs):
-        self.loss_name, self.loss_kwargs, self.sft_weight = loss, loss_kwargs, sft_weight
+    def __init__(self, *args, loss: str, loss_params: Any, **kwargs):
+        self.loss_name, self.loss_params = loss, loss_params
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -194,11 +200,10 @@ class PreferenceTrainer(DPOTrainer):
         rhat = inputs["rhat_tok"].to(logps.dtype) if "rhat_tok" in inputs else None
         c = lambda t: t.chunk(2, dim=0)  # noqa: E731
         (pc, pr), (rc, rr), (mc, mr) = c(logps), c(ref), c(mask)
-        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, *(c(rhat) if rhat is not None else ()))
-        per_example, chosen_rewards, rejected_rewards = losses.LOSSES[self.loss_name](batch, **self.loss_kwargs)
+        rhat_c, rhat_r = c(rhat) if rhat is not None else (None, None)
+        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, rhat_c, rhat_r, inputs["shared_mask"].to(logps))
+        per_example, chosen_rewards, rejected_rewards = losses.LOSSES[self.loss_name].fn(batch, self.loss_params)
         loss = per_example.mean()
-        if self.sft_weight > 0:  # RPO: NLL of the chosen completions, against likelihood displacement
-            loss = loss + self.sft_weight * -(pc.sum() / mc.sum().clamp(min=1))
         m = self._metrics[mode]
         m["rewards/chosen"].append(chosen_rewards.mean().item())
         m["rewards/rejected"].append(rejected_rewards.mean().item())

@@ -5,11 +5,13 @@
     python -m stages.dpo --variant dpo --model models/sft --prefs data/label/prefs.jsonl \
         --reference data/reference --guidance data/reference --out models/dpo/dpo
 
-Each variant is `dpo.defaults` overridden by its row in `dpo.variants`; `loss` names a function of
-`posttrain.losses.LOSSES`. Training is TRL's DPOTrainer subclassed in
-`posttrain.preference` (only the loss is replaced); the reference per-token log-probs come from the `reference`
-stage's cache and TGDPO's token guidance from `--guidance` (a `guidance` stage's folder; other losses ignore it).
-The policy is a fresh LoRA adapter on the merged SFT weights.
+Each row of `dpo.variants` names a `loss` of `posttrain.losses.LOSSES` and gives that loss's hyper-parameters
+(parsed into the loss's own params dataclass, whose defaults fill the rest); the training knobs every row shares
+are `dpo.defaults`. dvc.yaml makes dpo@<row> depend on `dpo.defaults` and its own row only. Training is TRL's
+DPOTrainer subclassed in `posttrain.preference` (only the loss is replaced); the reference per-token log-probs come
+from the `reference` stage's cache and a guided loss's token guidance from `--guidance` (a `guidance` stage's
+folder; other losses ignore it). The policy is a fresh LoRA adapter on the merged SFT weights, seeded by
+`dpo.defaults.seed`.
 """
 
 from __future__ import annotations
@@ -17,32 +19,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from posttrain import cli, config, io, losses, modeling, preference, training
 
 
 @dataclass
-class VariantParams:
-    loss: str = "dpo"
-    """A key of posttrain.losses.LOSSES."""
-    guidance: str = "data/reference"
-    """TGDPO only: the guidance stage folder holding rhat.jsonl (dvc.yaml passes it; other losses ignore it)."""
-    beta: float = 0.1
-    """KL strength (DPO/TGDPO/KTO), 1/(2 tau) target (IPO), reward scale (SimPO), lambda (ORPO)."""
-    alpha: float = 0.5
-    """TGDPO: how strongly token guidance reshapes each token's beta; 0 is DPO exactly."""
-    gamma: float = 0.5
-    """SimPO: target reward margin."""
-    length_normalize: bool = True
-    """SimPO: average the log-prob over tokens."""
-    desirable_weight: float = 1.0
-    """KTO: weight of the desirable (chosen) term, lambda_D."""
-    undesirable_weight: float = 1.0
-    """KTO: weight of the undesirable (rejected) term, lambda_U."""
-    dpop_lambda: float = 5.0
-    """DPOP: weight of the penalty on the chosen log-ratio falling below 0 (outside beta, as seed 002 writes it)."""
-    sft_weight: float = 0.5
-    """Weight of an NLL term on the chosen responses (RPO); > 0 counters likelihood displacement."""
+class TrainParams:
+    """The training knobs every row shares (`dpo.defaults`); a row may override any of them."""
+
+    seed: int = 0
+    """Seeds LoRA initialisation and batch order; `common.seed` drives the data. Multi-seed runs vary this one
+    (`dvc exp run -S dpo.defaults.seed=1`): every row re-trains on the same pairs and caches."""
     learning_rate: float = 1e-4
     epochs: float = 1.0
     batch_size: int = 8
@@ -53,40 +41,78 @@ class VariantParams:
     logging_steps: int = 5
 
     def __post_init__(self) -> None:
-        if self.loss not in losses.LOSSES:
-            raise ValueError(f"loss {self.loss!r} is not one of {sorted(losses.LOSSES)}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.alpha <= 10:
-            raise ValueError(f"alpha must be in [0, 10], got {self.alpha}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if min(self.sft_weight, self.desirable_weight, self.undesirable_weight, self.dpop_lambda) < 0:
-            raise ValueError("sft_weight, desirable_weight, undesirable_weight and dpop_lambda must be >= 0")
+        if self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("epochs must be > 0, batch_size and grad_accum >= 1")
+
+
+@dataclass
+class VariantParams(TrainParams):
+    """One row of `dpo.variants`, resolved: what dpo@<row> trains with."""
+
+    loss: str = "dpo"
+    """A key of posttrain.losses.LOSSES."""
+    guidance: str = "data/reference"
+    """A guided loss's guidance stage folder holding rhat.jsonl (dvc.yaml passes it; other losses ignore it)."""
+    loss_params: Any = None
+    """An instance of LOSSES[loss].params; None takes that loss's defaults."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in losses.LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not one of {sorted(losses.LOSSES)}")
+        cls = losses.LOSSES[self.loss].params
+        if self.loss_params is None:
+            self.loss_params = cls()
+        if type(self.loss_params) is not cls:
+            raise ValueError(f"loss_params of loss {self.loss!r} must be a {cls.__name__}, got {self.loss_params!r}")
+
+
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
 
 
 @dataclass
 class DpoParams:
-    defaults: VariantParams = field(default_factory=VariantParams)
-    variants: dict[str, dict] = field(default_factory=lambda: {"dpo": {}})
-    """Variant name -> overrides of `defaults`; each becomes the DVC stage dpo@<name>."""
+    defaults: TrainParams = field(default_factory=TrainParams)
+    """The training knobs every row shares."""
+    variants: dict[str, dict] = field(default_factory=lambda: {"dpo": {"loss": "dpo", "guidance": "data/reference"}})
+    """Row name -> `loss` (a key of LOSSES), `guidance`, and that loss's hyper-parameters where they differ from
+    its params dataclass (or a training knob of this row); each row becomes the DVC stage dpo@<name>."""
 
 
 def resolve(params: DpoParams, variant: str, where: str) -> VariantParams:
+    """Row `variant` of `params`: its loss's params dataclass parsed from the row's own keys, its training knobs
+    the shared block's with the row's overrides. A key neither its loss nor training reads is refused."""
     if variant not in params.variants:
         raise config.ParamsError(f"{where}: dpo.variants: no variant {variant!r}; known: {sorted(params.variants)}")
-    merged = dataclasses.asdict(params.defaults) | (params.variants[variant] or {})
-    return config.parse(VariantParams, merged, f"{where}: dpo.variants.{variant}")
+    at = f"{where}: dpo.variants.{variant}"
+    row = dict(params.variants[variant] or {})
+    name = row.pop("loss", None)
+    if name not in losses.LOSSES:
+        raise config.ParamsError(f"{at}.loss: {name!r} is not one of {sorted(losses.LOSSES)}")
+    guidance = row.pop("guidance", "data/reference")
+    cls = losses.LOSSES[name].params
+    loss_keys = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(row) - set(loss_keys) - set(TRAIN_KEYS))
+    if unknown:
+        raise config.ParamsError(f"{at}: unknown key(s) {unknown}; loss {name!r} reads {loss_keys}, and a row may "
+                                 f"override the training knobs {list(TRAIN_KEYS)}")
+    hyper = config.parse(cls, {k: v for k, v in row.items() if k in loss_keys}, at)
+    train = config.parse(TrainParams, config.to_dict(params.defaults) | {
+        k: v for k, v in row.items() if k in TRAIN_KEYS}, at)
+    return VariantParams(**vars(train), loss=name, guidance=guidance, loss_params=hyper)
 
 
 def build_dataset(tok, pairs: list[dict], params: VariantParams, max_len: int, reference: Path, guidance: Path,
                   source: str):
-    """Encoded pairs with their cached per-token reference log-probs (and r_hat for TGDPO) as columns."""
+    """Encoded pairs with their cached per-token reference log-probs (and r_hat for a guided loss) as columns."""
     from datasets import Dataset
 
     rows, dropped = preference.encoded_rows(tok, pairs, max_len, source)
     ref = preference.read_token_values(reference / "logps.jsonl")
-    rhat = preference.read_token_values(guidance / "rhat.jsonl") if params.loss == "tgdpo" else None
+    guided = losses.LOSSES[params.loss].guided
+    rhat = preference.read_token_values(guidance / "rhat.jsonl") if guided else None
     data = []
     for r in rows:
         if r["id"] not in ref or (rhat is not None and r["id"] not in rhat):
@@ -103,17 +129,16 @@ def make_trainer(model, tok, dataset, params: VariantParams, common, device, out
     from trl import DPOConfig
 
     cfg = DPOConfig(
-        output_dir=output_dir, learning_rate=params.learning_rate, beta=params.beta,
-        num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,
+        output_dir=output_dir, learning_rate=params.learning_rate, num_train_epochs=params.epochs,
+        per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum, max_length=common.max_len, logging_steps=params.logging_steps,
-        save_steps=params.save_steps, seed=common.seed, lr_scheduler_type="cosine", remove_unused_columns=False,
+        save_steps=params.save_steps, seed=params.seed, lr_scheduler_type="cosine", remove_unused_columns=False,
         **training.device_args(device))
-    kwargs = {k: getattr(params, k) for k in losses.hyperparameters(params.loss)}
     return preference.PreferenceTrainer(
         model=model, args=cfg, train_dataset=dataset, processing_class=tok,
         data_collator=preference.PairCollator(pad_token_id=tok.pad_token_id),
         peft_config=training.lora_config(params.lora_params) if params.lora else None,
-        callbacks=[training.StopOnNaN()], loss=params.loss, loss_kwargs=kwargs, sft_weight=params.sft_weight)
+        callbacks=[training.StopOnNaN()], loss=params.loss, loss_params=params.loss_params)
 
 
 def run(common, params: VariantParams, args) -> dict:
@@ -146,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", required=True, help="policy to start from (and reference): checkpoint or chain")
     p.add_argument("--prefs", required=True, help="preference pairs (JSONL, schema `prefs`)")
     p.add_argument("--reference", required=True, help="the reference stage's folder (logps.jsonl)")
-    p.add_argument("--guidance", required=True, help="TGDPO: a guidance stage's folder (rhat.jsonl)")
+    p.add_argument("--guidance", required=True, help="a guided loss (TGDPO): a guidance stage's folder (rhat.jsonl)")
     p.add_argument("--out", required=True, help="output adapter / checkpoint folder")
     args = p.parse_args(argv)
     return cli.execute("dpo", VariantParams, args, run, run_name=f"dpo@{args.variant}", block=_block)

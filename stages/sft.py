@@ -18,6 +18,8 @@ from posttrain import cli, config, io, modeling, training
 
 @dataclass
 class SftParams:
+    seed: int = 0
+    """Seeds LoRA initialisation and batch order; `common.seed` drives the data."""
     lora: bool = True
     """LoRA adapter (small DVC output) or full fine-tune (a whole checkpoint)."""
     lora_params: training.LoraParams = field(default_factory=training.LoraParams)
@@ -68,7 +70,7 @@ def run(common, params: SftParams, args) -> dict:
         output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum, max_length=common.max_len, completion_only_loss=True,
-        logging_steps=params.logging_steps, save_steps=params.save_steps, seed=common.seed,
+        logging_steps=params.logging_steps, save_steps=params.save_steps, seed=params.seed,
         lr_scheduler_type="cosine", **training.device_args(device))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok,
                          peft_config=training.lora_config(params.lora_params) if params.lora else None,

@@ -80,12 +80,24 @@ def _resolve_ref(data, ref: str):
     return node
 
 
+ROW = {"loss": "dpo", "guidance": "data/reference"}
 BAD = [
-    ({"dpo": {"defaults": {"beta": -0.1}}}, r"dpo.*beta must be > 0"),
-    ({"dpo": {"defaults": {"learning_rate": 0}}}, r"learning_rate must be > 0"),
-    ({"dpo": {"defaults": {"alpha": -1.0}}}, r"alpha must be in \[0, 10\]"),
-    ({"dpo": {"defaults": {"loss": "nope"}}}, r"dpo.defaults: loss 'nope' is not one of \['dpo', 'dpop', 'ipo'"),
-    ({"dpo": {"defaults": {"betta": 0.1}}}, r"dpo.defaults: unknown key\(s\) \['betta'\]"),
+    ({"dpo": {"variants": {"dpo": ROW | {"beta": -0.1}}}}, r"dpo.variants.dpo: beta must be > 0"),
+    ({"dpo": {"defaults": {"learning_rate": 0}}}, r"dpo.defaults: learning_rate must be > 0"),
+    ({"dpo": {"variants": {"dpo": ROW | {"loss": "tgdpo", "alpha": -1.0}}}}, r"alpha must be in \[0, 10\]"),
+    ({"dpo": {"variants": {"dpo": ROW | {"loss": "nope"}}}},
+     r"dpo.variants.dpo.loss: 'nope' is not one of \['dpo', 'dpop', 'ipo'"),
+    ({"dpo": {"variants": {"dpo": ROW | {"betta": 0.1}}}},
+     r"dpo.variants.dpo: unknown key\(s\) \['betta'\]; loss 'dpo' reads \['beta'\]"),
+    ({"dpo": {"variants": {"dpo": ROW | {"loss": "kto", "alpha": 0.5}}}},
+     r"dpo.variants.dpo: unknown key\(s\) \['alpha'\]; loss 'kto' reads \['beta', 'desirable_weight'"),
+    ({"dpo": {"variants": {"dpo": ROW | {"nll_weight": 0.5}}}}, r"unknown key\(s\) \['nll_weight'\]"),
+    ({"dpo": {"defaults": {"beta": 0.1}}}, r"dpo.defaults: unknown key\(s\) \['beta'\]"),  # the old shape
+    ({"dpo": {"variants": {"dpo": ROW | {"loss": "tgdpo", "cancel_shared_prefix": "yes"}}}},
+     r"dpo.variants.dpo.cancel_shared_prefix: expected bool"),
+    ({"dpo": {"variants": {"dpo": ROW | {"loss": "tgdpo", "cap_rejected": "no"}}}},
+     r"dpo.variants.dpo.cap_rejected: expected bool"),
+    ({"dpo": {"variants": {"dpo": ROW | {"seed": 1.5}}}}, r"dpo.variants.dpo.seed: expected int"),
     ({"sft": {"epochs": "two"}}, r"sft.epochs: expected float, got str"),
     ({"sft": {"lora": "yes"}}, r"sft.lora: expected bool"),
     ({"generate": {"n_samples": 1}}, r"n_samples must be >= 2"),
@@ -139,11 +151,41 @@ def test_evaluate_models_are_exactly_the_trained_and_merged_ones(path):
 
 
 def test_default_runs_every_loss_and_evaluates_every_variant():
-    """params.yaml has a dpo variant per loss in LOSSES, each evaluated; TGDPO rows name a guidance source."""
+    """params.yaml has a dpo variant per loss in LOSSES, each evaluated; the guided rows name every guidance source,
+    in the paper's form and with the shared prefix cancelled."""
     _, params = config.load(dpo.DpoParams, "dpo", ROOT / "params.yaml")
-    assert {dpo.resolve(params, v, "params.yaml").loss for v in params.variants} == set(losses.LOSSES)
+    rows = {v: dpo.resolve(params, v, "params.yaml") for v in params.variants}
+    assert {r.loss for r in rows.values()} == set(losses.LOSSES)
     raw = config.read_yaml(ROOT / "params.yaml")
     assert set(params.variants) <= set(raw["evaluate"]["models"])
     sources = {f"data/guidance/{name}" for name in raw["guidance"]["sources"]}
-    guided = {row["guidance"] for row in params.variants.values() if row["loss"] == "tgdpo"}
-    assert guided == sources
+    for cancel in (False, True):
+        guided = {r.guidance for r in rows.values()
+                  if losses.LOSSES[r.loss].guided and r.loss_params.cancel_shared_prefix is cancel}
+        assert guided == sources, cancel
+    assert rows["dpo"].loss_params == losses.DPOParams() and rows["rpo"].loss_params == losses.RPOParams()
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_variant_rows_write_no_default_twice(path):
+    """A row gives a loss hyper-parameter only where it differs from its params class's default (written once)."""
+    for name, row in config.read_yaml(path)["dpo"]["variants"].items():
+        default = losses.LOSSES[row["loss"]].params()
+        same = [k for k, v in row.items() if hasattr(default, k) and getattr(default, k) == v]
+        assert not same, f"{path.name}: dpo.variants.{name} restates the default of {same}"
+
+
+def test_a_row_parses_its_own_loss_params_and_may_override_a_training_knob():
+    params = dpo.DpoParams(variants={"fast_kto": {"loss": "kto", "guidance": "data/reference", "beta": 0.3,
+                                                  "learning_rate": 5e-5}})
+    row = dpo.resolve(params, "fast_kto", "p.yaml")
+    assert row.loss_params == losses.KTOParams(beta=0.3) and row.learning_rate == 5e-5
+    assert row.seed == params.defaults.seed and row.epochs == params.defaults.epochs
+    assert params.defaults.learning_rate == 1e-4  # the shared block is left as it was
+
+
+def test_the_dpo_stage_depends_on_the_shared_block_and_its_own_row_only():
+    """So a change to one row's hyper-parameter re-runs that row alone (tests/test_dvc.py sees it in dvc status)."""
+    wanted = DVC["stages"]["dpo"]["do"]["params"]
+    assert [p for p in wanted if p.startswith("dpo")] == ["dpo.defaults", "dpo.variants.${key}"]
+    assert "common.seed" not in wanted and "common.seed" not in DVC["stages"]["sft"]["params"]

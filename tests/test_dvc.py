@@ -72,6 +72,24 @@ def test_unchanged_repro_runs_nothing_quickly(repo):
     assert time.perf_counter() - t0 < 15
 
 
+def test_one_rows_loss_param_changes_that_row_alone(repo):
+    """dpo@<row> depends on dpo.defaults and its own row only: one loss hyper-parameter of one row leaves every
+    other stage up to date (downstream stages follow once that row's model changes). params.yaml is restored."""
+    repo, _ = repo
+    path = repo / "params.yaml"
+    before = path.read_text()
+    params = yaml.safe_load(before)
+    params["dpo"]["variants"]["tgdpo_token"]["alpha"] = 0.25
+    path.write_text(yaml.safe_dump(params))
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
+    try:
+        proc = subprocess.run(DVC + ["status", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=300, check=True)
+    finally:
+        path.write_text(before)
+    assert {name.split(":")[-1] for name in json.loads(proc.stdout)} == {"dpo@tgdpo_token"}
+
+
 def test_evaluate_param_reruns_only_evaluate_and_report(repo):
     repo, _ = repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
