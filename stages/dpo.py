@@ -3,7 +3,8 @@
     dvc repro dpo                      # every variant
     dvc repro dpo@tgdpo                # one variant
     python -m stages.dpo --variant dpo --model models/sft --prefs data/label/prefs.jsonl \
-        --reference data/reference --guidance data/reference --out models/dpo/dpo
+        --step-prefs data/label/step_prefs.jsonl --reference data/reference --guidance data/reference \
+        --out models/dpo/dpo
 
 Each row of `dpo.variants` names a `loss` of `posttrain.losses.LOSSES` and gives that loss's hyper-parameters
 (parsed into the loss's own params dataclass, whose defaults fill the rest); the training knobs every row shares
@@ -11,7 +12,8 @@ are `dpo.defaults`. dvc.yaml makes dpo@<row> depend on `dpo.defaults` and its ow
 DPOTrainer subclassed in `posttrain.preference` (only the loss is replaced); the reference per-token log-probs come
 from the `reference` stage's cache and a guided loss's token guidance from `--guidance` (a `guidance` stage's
 folder; other losses ignore it). The policy is a fresh LoRA adapter on the merged SFT weights, seeded by
-`dpo.defaults.seed`.
+`dpo.defaults.seed`. A row's `pairs` chooses what it trains on: `response` (label's prefs.jsonl, the default) or
+`step` (label's Step-DPO pairs, step_prefs.jsonl, with the reference stage's step_logps.jsonl).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from posttrain import cli, config, io, losses, modeling, preference, training
+
+PairsName = Literal["response", "step"]
+PAIRS: tuple[str, ...] = get_args(PairsName)
+"""What a row trains on (`pairs`): label's response-level pairs, or its Step-DPO pairs."""
 
 
 @dataclass
@@ -57,11 +63,19 @@ class VariantParams(TrainParams):
     """A guided loss's guidance stage folder holding rhat.jsonl (dvc.yaml passes it; other losses ignore it)."""
     loss_params: Any = None
     """An instance of LOSSES[loss].params; None takes that loss's defaults."""
+    pairs: PairsName = "response"
+    """`response`: label's response-level pairs (--prefs); `step`: its Step-DPO pairs (--step-prefs), prompts
+    ending in the correct steps before the first wrong one."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss not in losses.LOSSES:
             raise ValueError(f"loss {self.loss!r} is not one of {sorted(losses.LOSSES)}")
+        if self.pairs not in PAIRS:
+            raise ValueError(f"pairs must be one of {list(PAIRS)}, got {self.pairs!r}")
+        if self.pairs == "step" and losses.LOSSES[self.loss].guided:
+            raise ValueError(f"loss {self.loss!r} reads token guidance, and no guidance stage covers the step pairs: "
+                             "a `pairs: step` row takes an unguided loss")
         cls = losses.LOSSES[self.loss].params
         if self.loss_params is None:
             self.loss_params = cls()
@@ -77,8 +91,9 @@ class DpoParams:
     defaults: TrainParams = field(default_factory=TrainParams)
     """The training knobs every row shares."""
     variants: dict[str, dict] = field(default_factory=lambda: {"dpo": {"loss": "dpo", "guidance": "data/reference"}})
-    """Row name -> `loss` (a key of LOSSES), `guidance`, and that loss's hyper-parameters where they differ from
-    its params dataclass (or a training knob of this row); each row becomes the DVC stage dpo@<name>."""
+    """Row name -> `loss` (a key of LOSSES), `guidance`, `pairs` (response | step), and that loss's
+    hyper-parameters where they differ from its params dataclass (or a training knob of this row); each row becomes
+    the DVC stage dpo@<name>."""
 
 
 def resolve(params: DpoParams, variant: str, where: str) -> VariantParams:
@@ -92,6 +107,12 @@ def resolve(params: DpoParams, variant: str, where: str) -> VariantParams:
     if name not in losses.LOSSES:
         raise config.ParamsError(f"{at}.loss: {name!r} is not one of {sorted(losses.LOSSES)}")
     guidance = row.pop("guidance", "data/reference")
+    pairs = row.pop("pairs", "response")
+    if pairs not in PAIRS:
+        raise config.ParamsError(f"{at}.pairs: {pairs!r} is not one of {list(PAIRS)}")
+    if pairs == "step" and losses.LOSSES[name].guided:
+        raise config.ParamsError(f"{at}: loss {name!r} reads token guidance, and no guidance stage covers the step "
+                                 "pairs: a `pairs: step` row takes an unguided loss")
     cls = losses.LOSSES[name].params
     loss_keys = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(row) - set(loss_keys) - set(TRAIN_KEYS))
@@ -101,16 +122,21 @@ def resolve(params: DpoParams, variant: str, where: str) -> VariantParams:
     hyper = config.parse(cls, {k: v for k, v in row.items() if k in loss_keys}, at)
     train = config.parse(TrainParams, config.to_dict(params.defaults) | {
         k: v for k, v in row.items() if k in TRAIN_KEYS}, at)
-    return VariantParams(**vars(train), loss=name, guidance=guidance, loss_params=hyper)
+    return VariantParams(**vars(train), loss=name, guidance=guidance, loss_params=hyper, pairs=pairs)
 
 
 def build_dataset(tok, pairs: list[dict], params: VariantParams, max_len: int, reference: Path, guidance: Path,
                   source: str):
-    """Encoded pairs with their cached per-token reference log-probs (and r_hat for a guided loss) as columns."""
+    """Encoded pairs with their cached per-token reference log-probs (and r_hat for a guided loss) as columns; a
+    `pairs: step` row's from the reference stage's step_logps.jsonl."""
     from datasets import Dataset
 
     rows, dropped = preference.encoded_rows(tok, pairs, max_len, source)
-    ref = preference.read_token_values(reference / "logps.jsonl")
+    cache = reference / ("step_logps.jsonl" if params.pairs == "step" else "logps.jsonl")
+    if params.pairs == "step" and not cache.exists():
+        raise io.InputError(f"{cache}: no such file: re-run the reference stage with --step-prefs on label's "
+                            "step_prefs.jsonl")
+    ref = preference.read_token_values(cache)
     guided = losses.LOSSES[params.loss].guided
     rhat = preference.read_token_values(guidance / "rhat.jsonl") if guided else None
     data = []
@@ -142,12 +168,13 @@ def make_trainer(model, tok, dataset, params: VariantParams, common, device, out
 
 
 def run(common, params: VariantParams, args) -> dict:
-    pairs = io.read_jsonl(args.prefs, "prefs")
+    prefs = _prefs_file(params, args)
+    pairs = io.read_jsonl(prefs, "prefs")
     device = modeling.device_for(common.device)
     model, base, parents = training.policy_for_training(args.model, device, common.trust_remote_code)
     tok = modeling.stage_tokenizer(base, padding_side="right")
     dataset, dropped = build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
-                                      Path(args.guidance), args.prefs)
+                                      Path(args.guidance), prefs)
     trainer = make_trainer(model, tok, dataset, params, common, device, str(training.ckpt_dir(args.out)))
     result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
     training.save(trainer.model, args.out, base, parents,
@@ -160,6 +187,17 @@ def run(common, params: VariantParams, args) -> dict:
         f"final_{k.replace('/', '_')}": log[-1][k] for k in keep if log and k in log[-1]}
 
 
+def _prefs_file(params: VariantParams, args) -> str:
+    """The pairs this row trains on: --prefs, or for a `pairs: step` row --step-prefs, which label writes only with
+    label.step_pairs and at least one step pair."""
+    if params.pairs == "response":
+        return args.prefs
+    if args.step_prefs is None or not Path(args.step_prefs).exists():
+        raise io.InputError(f"dpo@{args.variant}: pairs: step, and there are no step pairs ({args.step_prefs}): "
+                            "set label.step_pairs: true on worked tasks (profiles/long.yaml), or drop this row")
+    return args.step_prefs
+
+
 def _block(args):
     common, params = config.load(DpoParams, "dpo", args.params)
     return common, resolve(params, args.variant, args.params)
@@ -170,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variant", required=True, help="a key of dpo.variants")
     p.add_argument("--model", required=True, help="policy to start from (and reference): checkpoint or chain")
     p.add_argument("--prefs", required=True, help="preference pairs (JSONL, schema `prefs`)")
-    p.add_argument("--reference", required=True, help="the reference stage's folder (logps.jsonl)")
+    p.add_argument("--step-prefs", help="step-level pairs (label's step_prefs.jsonl): what a `pairs: step` row reads")
+    p.add_argument("--reference", required=True, help="the reference stage's folder (logps.jsonl, step_logps.jsonl)")
     p.add_argument("--guidance", required=True, help="a guided loss (TGDPO): a guidance stage's folder (rhat.jsonl)")
     p.add_argument("--out", required=True, help="output adapter / checkpoint folder")
     args = p.parse_args(argv)
