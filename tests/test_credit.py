@@ -140,12 +140,14 @@ def test_bench_method_names_and_params(tmp_path):
     assert la.method_names([1.0, 4.0, 2.5]) == ["dpo", "tgdpo", "tgdpo_token_x1", "tgdpo_token_x4",
                                                 "tgdpo_token_x2.5"]
     params = {"common": {"seed": 0, "mlflow_uri": "sqlite:///mlflow.db", "mlflow_experiment": "posttrain"},
-              "token_reward": {"aggregator": "average", "tau": 1.0}}
+              "token_reward": {"aggregator": "average", "tau": 1.0}, "dpo": {"defaults": {"seed": 0}}}
     got = la.bench_params(tmp_path, params, 2, token_reward={"aggregator": "soft_min"})
-    assert got["common"] == {"seed": 2, "mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db",
+    # the training seed moves; common.seed (the data: the same pairs for every seed) does not
+    assert got["common"] == {"seed": 0, "mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db",
                              "mlflow_experiment": "bench-long-answers"}
+    assert got["dpo"]["defaults"]["seed"] == 2
     assert got["token_reward"] == {"aggregator": "soft_min", "tau": 1.0}
-    assert params["common"]["seed"] == 0 and params["token_reward"]["aggregator"] == "average"  # a copy
+    assert params["dpo"]["defaults"]["seed"] == 0 and params["token_reward"]["aggregator"] == "average"  # a copy
 
 
 def test_bench_end_scores():
