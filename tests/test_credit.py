@@ -185,7 +185,7 @@ def test_bench_reuses_the_pipeline_models_of_its_own_seed(tmp_path):
 
     for name in ("dpo", "tgdpo_token"):
         (tmp_path / "models/dpo" / name).mkdir(parents=True)
-    params = {"common": {"seed": 0}, "guidance": {"sources": {"token_reward": {"scale": 1.0}}}}
+    params = {"dpo": {"defaults": {"seed": 0}}, "guidance": {"sources": {"token_reward": {"scale": 1.0}}}}
     assert la.reusable(tmp_path, params, 0, [1.0, 4.0]) == {"dpo": "dpo", "tgdpo_token_x1": "tgdpo_token"}
     assert la.reusable(tmp_path, params, 0, [4.0]) == {"dpo": "dpo"}  # no run here at the pipeline's scale
     assert la.reusable(tmp_path, params, 1, [1.0]) == {}
