@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -209,6 +210,8 @@ def _score(row: dict, name: str) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise Bad(name, f"expected a number, got {type(v).__name__}")
+    if not math.isfinite(v):  # Python's json reads NaN, Infinity and -Infinity as floats
+        raise Bad(name, f"expected a finite number, got {v}")
     return float(v)
 
 

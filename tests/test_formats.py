@@ -110,6 +110,12 @@ BAD = [  # (file name, content, None = detect / a format name, error message)
      r"row 1: field 'messages': message 0: unknown role 'bot'"),
     ("p.jsonl", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": "high"}), None,
      r"row 1: field 'score_chosen': expected a number, got str"),
+    ("p.jsonl", GOOD + "\n" + json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": float("nan")}),
+     None, r"p.jsonl: row 2: field 'score_chosen': expected a finite number, got nan"),  # json reads NaN
+    ("p.jsonl", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score_rejected": float("-inf")}), None,
+     r"row 1: field 'score_rejected': expected a finite number, got -inf"),
+    ("p.csv", "prompt,chosen,rejected,score_chosen\nFine?,Yes.,No.,inf\n", None,
+     r"p.csv: row 1: field 'score_chosen': expected a finite number, got inf"),
     ("p.jsonl", GOOD + "\n[1, 2]\n", None, r"row 2: expected an object with named fields, got list"),
     ("p.jsonl", b"\xef\xbb\xbf" + GOOD.encode() + b"\n\xff\xfe\n", None, r"p.jsonl: row 2: not valid UTF-8"),
     ("p.jsonl", json.dumps({"question": "a", "answer": "b"}), None,
