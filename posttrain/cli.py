@@ -13,6 +13,8 @@ import logging
 import os
 import resource
 import sys
+import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,29 @@ def _use_local_gpu() -> None:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
+QUIET = (("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning),)
+"""(action, message regex, category) of warnings a user can do nothing about, filtered at every stage's entry:
+transformers 5 deprecates an attribute that TRL and peft still read, in every training stage."""
+
+SUMMARY_SKIP = ("_ci", "_lo", "_hi", "_initial", "peak_rss_mb")
+"""Metric-name endings left out of a stage's summary line (intervals, before-training values): MLflow has them."""
+
+
+def _fmt(v: Any) -> str:
+    return str(v) if isinstance(v, (int, str)) else f"{v:.4g}"
+
+
+def summary(name: str, metrics: Mapping[str, Any], seconds: float, limit: int = 10) -> str:
+    """One line saying what a stage did: its counts (rows in and out, drops by reason, steps), then its measures,
+    at most `limit` of them, and the time it took."""
+    shown = [(k, v) for k, v in metrics.items() if not k.endswith(SUMMARY_SKIP) and not isinstance(v, bool)
+             and isinstance(v, (int, float, str))]
+    shown.sort(key=lambda kv: not isinstance(kv[1], int))  # counts first; stable within each kind
+    more = f" (+{len(shown) - limit} more in MLflow)" if len(shown) > limit else ""
+    body = ", ".join(f"{k} {_fmt(v)}" for k, v in shown[:limit])
+    return f"{name} done in {seconds:.1f} s" + (f": {body}{more}" if body else "")
+
+
 def execute(stage: str, params_cls: type, args: argparse.Namespace, fn: Callable[..., dict[str, Any]],
             run_name: str | None = None, block: Any = None) -> dict[str, Any]:
     """Load `common` + the stage's block, run `fn(common, params, args)` inside an MLflow run, log its metrics.
@@ -97,7 +122,10 @@ def execute(stage: str, params_cls: type, args: argparse.Namespace, fn: Callable
     does not return: it becomes `accelerate launch ... -m stages.<stage>` with the same arguments.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for action, message, category in QUIET:
+        warnings.filterwarnings(action, message=message, category=category)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t0 = time.perf_counter()
     try:
         common, params = config.load(params_cls, stage, args.params) if block is None else block(args)
     except config.ParamsError as e:
@@ -126,4 +154,5 @@ def execute(stage: str, params_cls: type, args: argparse.Namespace, fn: Callable
         # peak resident memory of this stage's process, for bench/pipeline.py
         metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         tracking.log_metrics(metrics)
+    logging.getLogger(__name__).info("%s", summary(run_name or stage, metrics, time.perf_counter() - t0))
     return metrics

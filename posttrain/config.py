@@ -37,6 +37,9 @@ class Common:
     """Prompt + response tokens per training row; longer rows are dropped and counted, memory grows linearly."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub checkpoint; off unless you trust its source."""
+    max_drop_share: float = 0.5
+    """A stage that drops more than this share of its rows by a rule (too long for max_len, empty samples, a user
+    file's unusable rows) stops and names the rule and the param to change; under it, the drops are logged."""
     launcher: str = ""
     """'' runs the training stages as plain python; a path to an accelerate config (configs/accelerate/*.yaml)
     makes them re-execute under `accelerate launch --config_file <path>` (posttrain.cli.LAUNCHED)."""
@@ -44,6 +47,8 @@ class Common:
     def __post_init__(self) -> None:
         if self.max_len < 16:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
+        if not 0 <= self.max_drop_share <= 1:
+            raise ValueError(f"max_drop_share must be in [0, 1], got {self.max_drop_share}")
         if self.launcher and not self.launcher.endswith((".yaml", ".yml", ".json")):
             raise ValueError(f"launcher must be '' or an accelerate config file (.yaml/.json), got "
                              f"{self.launcher!r}")

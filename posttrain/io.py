@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -119,6 +120,19 @@ def check_rows(source: Any, rows: list[dict], schema: str) -> list[dict]:
     if not rows:
         raise InputError(f"{source}: empty: no rows")
     return rows
+
+
+def check_drops(source: Any, total: int, dropped: dict[str, int], max_share: float, fix: str) -> None:
+    """Stop when a rule dropped more than `max_share` (`common.max_drop_share`) of the `total` rows of `source`: a
+    run that trains on the few rows left says nothing useful. The error names the rules and `fix`, the param to
+    change. Under the share, the drops are logged (a stage never drops rows without a word)."""
+    n = sum(dropped.values())
+    if not n:
+        return
+    what = f"{source}: {n} of {total} rows dropped ({', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))})"
+    if n > max_share * total:
+        raise InputError(f"{what}: more than common.max_drop_share={max_share} of them; {fix}")
+    logging.getLogger(__name__).warning("%s", what)
 
 
 def prompt_key(row: dict) -> str:

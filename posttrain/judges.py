@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain import progress
+
 PAIRWISE_TEMPLATE = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
     "the user question displayed below. Choose the assistant that follows the user's instructions and answers the "
@@ -180,12 +182,14 @@ class LlmJudge:
 
         device = next(self.model.parameters()).device
         out = []
-        for start in range(0, len(texts), self.params.batch_size):
-            enc = self.tok(texts[start : start + self.params.batch_size], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(device)
-            logits = self.model(**enc, position_ids=modeling.positions(enc.attention_mask),
-                                logits_to_keep=1).logits[:, -1].float()
-            out.append(logits[:, self.verdict_ids].softmax(-1).cpu())
+        with progress.Progress("judging", len(texts), "verdict") as bar:
+            for start in range(0, len(texts), self.params.batch_size):
+                enc = self.tok(texts[start : start + self.params.batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(device)
+                logits = self.model(**enc, position_ids=modeling.positions(enc.attention_mask),
+                                    logits_to_keep=1).logits[:, -1].float()
+                out.append(logits[:, self.verdict_ids].softmax(-1).cpu())
+                bar.update(len(enc.input_ids), int(enc.attention_mask.sum()))
         return torch.cat(out) if out else torch.zeros(0, 3)
 
     def prefer(self, rows: list[dict], first: list[str], second: list[str]) -> list[float]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from trl import DPOTrainer
 
-from posttrain import io, losses
+from posttrain import io, losses, progress
 
 TOKEN_COLUMNS = ("ref_chosen_tok", "ref_rejected_tok", "rhat_chosen_tok", "rhat_rejected_tok")
 
@@ -153,14 +153,16 @@ def completion_logps(model, tok, rows: list[dict], batch_size: int) -> list[dict
     model.eval()
     collate = PairCollator(pad_token_id=tok.pad_token_id)
     out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk])
-        logps = pair_logps(model, batch).cpu()
-        n = len(chunk)
-        for i, r in enumerate(chunk):
-            out.append({"id": r["id"], "chosen": logps[i, : len(r["chosen_ids"])].tolist(),
-                        "rejected": logps[n + i, : len(r["rejected_ids"])].tolist()})
+    with progress.Progress("log-probs", len(rows), "pair") as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk])
+            logps = pair_logps(model, batch).cpu()
+            n = len(chunk)
+            for i, r in enumerate(chunk):
+                out.append({"id": r["id"], "chosen": logps[i, : len(r["chosen_ids"])].tolist(),
+                            "rejected": logps[n + i, : len(r["rejected_ids"])].tolist()})
+            bar.update(n, int(batch["prompt_mask"].sum() + batch["completion_mask"].sum()))
     return out
 
 

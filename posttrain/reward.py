@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posttrain import progress
+
 
 class RewardModel(torch.nn.Module):
     """A causal LM, a scalar head on its final hidden states, and a scale on its token log-probs."""
@@ -181,6 +183,7 @@ def score(model, tok, conversations: list[list[dict]], batch_size: int = 32, max
     the head at the last token plus the scaled log-probs of the response's tokens (the prompt's are left out)."""
     device = next(model.parameters()).device
     out: list[float] = []
+    bar = progress.Progress("scoring", len(conversations), "answer")
     for start in range(0, len(conversations), batch_size):
         convs = conversations[start : start + batch_size]
         ids = [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"][:max_len] for c in convs]
@@ -196,4 +199,6 @@ def score(model, tok, conversations: list[list[dict]], batch_size: int = 32, max
         last = mask.sum(-1) - 1
         r = head[torch.arange(len(ids)), last.to(device)] + model.scale * (logp * response.to(device)).sum(-1)
         out += r.float().cpu().tolist()
+        bar.update(len(ids), int(mask.sum()))
+    bar.bar.close()
     return out

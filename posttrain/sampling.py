@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from posttrain import modeling
+from posttrain import modeling, progress
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float,
     model.eval()
     device = next(model.parameters()).device
     per_batch = max(1, batch_size // n)
+    bar = progress.Progress("sampling", len(texts), "prompt")
     for start in range(0, len(order), per_batch):
         idx = order[start : start + per_batch]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -71,6 +72,8 @@ def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float,
         completions = tok.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         for j, i in enumerate(idx):
             out[i] = [c.strip() for c in completions[j * n : (j + 1) * n]]
+        bar.update(len(idx), int((gen[:, enc.input_ids.shape[1] :] != tok.pad_token_id).sum()))
+    bar.bar.close()
     return out
 
 

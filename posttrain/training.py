@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,44 @@ class StopOnNaN(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {state.global_step}; the last good "
                                      f"checkpoint is kept in {args.output_dir}")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class LogLine(TrainerCallback):
+    """One line per logging step, numbers at fixed width, with the step out of all, the time spent and an estimate
+    of the time left (by the mean step so far): in place of the Trainer's printed dict."""
+
+    SKIP = ("epoch", "total_flos", "step")
+
+    def __init__(self, name: str = "train"):
+        self.name, self.t0 = name, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0, self.start_step = time.perf_counter(), state.global_step  # a resumed run counts from its checkpoint
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        spent = time.perf_counter() - (self.t0 or time.perf_counter())
+        done = max(state.global_step - getattr(self, "start_step", 0), 1)
+        left = spent / done * max(state.max_steps - state.global_step, 0)
+        nums = "  ".join(f"{k} {v:>9.4g}" for k, v in logs.items()
+                         if k not in self.SKIP and isinstance(v, (int, float)) and not isinstance(v, bool))
+        width = len(str(state.max_steps))
+        print(f"{self.name} step {state.global_step:>{width}}/{state.max_steps}  {nums}  "
+              f"[{_clock(spent)} spent, ~{_clock(left)} left]", flush=True)
+
+
+def log_lines(trainer, name: str) -> None:
+    """Swap the Trainer's printed log dicts (transformers' PrinterCallback) for `LogLine`."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogLine(name))
 
 
 def full_state_dict(model) -> dict | None:

@@ -176,6 +176,7 @@ def run(common, params: VariantParams, args) -> dict:
     dataset, dropped = build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
                                       Path(args.guidance), prefs)
     trainer = make_trainer(model, tok, dataset, params, common, device, str(training.ckpt_dir(args.out)))
+    training.log_lines(trainer, f"dpo@{args.variant}")
     result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
     training.save(trainer.model, args.out, base, parents,
                   {"dpo": config.to_dict(params), "variant": args.variant, "common": config.to_dict(common)})

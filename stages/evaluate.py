@@ -15,8 +15,9 @@ Held-out preference pairs (`--heldout`, prepare's heldout_prefs.jsonl; empty unl
 `heldout_chosen_ppl` and `heldout_rejected_ppl`, the model's perplexity of the chosen / rejected responses given
 their prompts, and `heldout_pref_accuracy`, the share of pairs whose chosen response has the higher mean per-token
 log-prob. They measure a model with no verifier; pairs too long for `common.max_len` are dropped and counted.
-`heldout.jsonl` keeps each pair's summed log-probs, from which `report` computes the implicit-reward accuracy
-against the reference model (log pi - log pi_ref orders chosen over rejected: TRL's rewards/accuracies).
+metrics.json's `heldout_logps` keeps each pair's summed log-probs (`id`, `chosen`, `rejected`), from which `report`
+computes the implicit-reward accuracy against the reference model (log pi - log pi_ref orders chosen over rejected:
+TRL's rewards/accuracies).
 
 With `evaluate.reward_model: true`, each answer also gets `reward`, the `reward_model` stage's score of it (one
 reward-model forward per answer), and metrics.json its mean with a 95% interval; `report` turns the rewards into a
@@ -151,8 +152,7 @@ def run(common, params: EvaluateParams, args) -> dict:
         summary |= {"pass_rate_lo": metrics["pass_rate_ci"][0], "pass_rate_hi": metrics["pass_rate_ci"][1]}
     with io.atomic_dir(args.out) as tmp:
         io.write_jsonl(tmp / "answers.jsonl", answers)
-        io.write_jsonl(tmp / "heldout.jsonl", per_pair)
-        io.write_json(tmp / "metrics.json", metrics)
+        io.write_json(tmp / "metrics.json", metrics | ({"heldout_logps": per_pair} if per_pair else {}))
         io.write_json(tmp / "summary.json", summary)
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
 

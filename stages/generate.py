@@ -65,6 +65,10 @@ def run(common, params: GenerateParams, args) -> dict:
                               tensor_parallel_size=params.tensor_parallel_size)
     seconds = time.perf_counter() - t0
     rows = [p | {"samples": s} for p, s in zip(prompts + rm_prompts, samples, strict=True)]
+    empty = sum(not s.strip() for r in rows for s in r["samples"])
+    io.check_drops(args.out, len(rows) * params.n_samples, {"empty_sample": empty}, common.max_drop_share,
+                   "the policy ends its turn at once: check that models/sft learned the answer format (its evaluate "
+                   "pass rate) and that the prompts render as in training (posttrain/sampling.py)")
     io.write_jsonl(args.out, rows[: len(prompts)])
     if args.rm_out:
         io.write_jsonl(args.rm_out, rows[len(prompts) :])

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from posttrain import cli, config, io, modeling, preference, reward, token_reward
+from posttrain import cli, config, io, modeling, preference, progress, reward, token_reward
 
 
 @dataclass
@@ -65,14 +65,16 @@ def _token_reward_values(path, tok, rows, batch_size: int, max_len: int, device,
     model = reward.load_model(path, device)
     collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_len)
     out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        b = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk])
-        r = token_reward.token_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device))
-        mask = b["completion_mask"].bool()
-        n = len(chunk)
-        out += [{"id": row["id"], "chosen": r[i][mask[i]].tolist(), "rejected": r[n + i][mask[n + i]].tolist()}
-                for i, row in enumerate(chunk)]
+    with progress.Progress("token rewards", len(rows), "pair") as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            b = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk])
+            r = token_reward.token_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device))
+            mask = b["completion_mask"].bool()
+            n = len(chunk)
+            out += [{"id": row["id"], "chosen": r[i][mask[i]].tolist(), "rejected": r[n + i][mask[n + i]].tolist()}
+                    for i, row in enumerate(chunk)]
+            bar.update(n, int(b["attention_mask"].sum()))
     flat = torch.tensor([x for v in out for side in ("chosen", "rejected") for x in v[side]])
     mean, std = float(flat.mean()), float(flat.std().clamp(min=1e-6))
     return [{"id": v["id"], **{side: [scale * (x - mean) / std for x in v[side]] for side in ("chosen", "rejected")}}

@@ -205,11 +205,14 @@ def from_reasoning_gym(params: PrepareParams, seed: int) -> tuple[list[dict], li
     return train, eval_rows, sft, rm, rm_prompts, {"dropped": dict(dropped)}
 
 
-def _read(source: str, fmt: str, params: PrepareParams) -> tuple[str, list[dict], Counter]:
+def _read(source: str, fmt: str, params: PrepareParams, max_share: float) -> tuple[str, list[dict], Counter]:
     rows = formats.read(source, params.subset, params.split)
     name = formats.detect(rows, source) if fmt == "auto" else fmt
     items, dropped = formats.convert(rows, name, source)
     log.info("%s: format %s, %d rows read, %d kept, dropped %s", source, name, len(rows), len(items), dict(dropped))
+    io.check_drops(source, len(rows), dropped, max_share,
+                   "each drop reason is a rule of posttrain/formats.py (docs: README, 'Use your own data'); "
+                   "mend the rows or raise common.max_drop_share")
     if not items:
         raise io.InputError(f"{source}: no usable row (format {name}; dropped: {dict(dropped)})")
     return name, items, dropped
@@ -219,11 +222,13 @@ def _prompt_row(item: dict, messages: list[dict]) -> dict:
     return {"id": item["id"], "task": "external", "messages": messages, "verifier": None}
 
 
-def external(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], list[dict], list[dict], list[dict],
-                                                         dict]:
+Splits = tuple[list[dict], list[dict], list[dict], list[dict], list[dict], dict]
+
+
+def external(params: PrepareParams, seed: int, max_share: float) -> Splits:
     """A user's data set (posttrain.formats): prompts with no verifier, SFT demos and, from preference data, pairs.
     Returns train, eval, sft, the train and the held-out pairs (both empty unless the source holds pairs), stats."""
-    name, items, dropped = _read(params.source, params.format, params)
+    name, items, dropped = _read(params.source, params.format, params, max_share)
     kind = formats.FORMATS[name].kind
     if params.pairs == "dataset" and kind != "prefs":
         raise io.InputError(f"{params.source}: prepare.pairs is 'dataset' but the source is {name!r} ({kind}); "
@@ -243,7 +248,7 @@ def external(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], 
         demos = train_items + rest if kind == "sft" else []
     train, eval_rows = [prompt(r) for r in train_items], [prompt(r) for r in eval_items]
     if params.sft_source:
-        sft_name, demos, sft_dropped = _read(params.sft_source, "auto", params)
+        sft_name, demos, sft_dropped = _read(params.sft_source, "auto", params, max_share)
         if formats.FORMATS[sft_name].kind != "sft":
             raise io.InputError(f"{params.sft_source}: prepare.sft_source must hold SFT demos (messages or "
                                 f"prompt_completion), got {sft_name!r}")
@@ -273,7 +278,7 @@ def run(common, params: PrepareParams, args) -> dict:
     elif params.source == "reasoning_gym":
         train, eval_rows, sft, rm, rm_prompts, stats = from_reasoning_gym(params, common.seed)
     else:
-        train, eval_rows, sft, pairs, held, stats = external(params, common.seed)
+        train, eval_rows, sft, pairs, held, stats = external(params, common.seed, common.max_drop_share)
         rm = pairs  # the user's pairs train the reward model in either mode (label.judge: reward_model uses it)
         if params.pairs == "dataset":
             prefs, heldout = pairs, held

@@ -3,7 +3,7 @@
     dvc repro report
     python -m stages.report --evals reports/evaluate --out reports
 
-Reads `reports/evaluate/<model>/{answers,metrics,heldout}`; writes `report.md`, `scores.png`, `pareto.png` and
+Reads `reports/evaluate/<model>/{answers.jsonl,metrics.json}`; writes `report.md`, `scores.png`, `pareto.png` and
 `metrics.json` (every figure of the table per model; `posttrain.table` prints it): the gold pass rate, mean gold
 score and win rate against `report.reference` (per prompt: win 1 / tie 0.5 / loss 0 on the gold score), the win
 rates by the judges `report.judges` names, each with a 95% bootstrap interval, and the alignment tax: general-text
@@ -136,8 +136,8 @@ def add_judged(table: dict[str, dict], evals: Path, params: ReportParams, prompt
             p = judge.prefer([rows[i] for i in ids], [answers[n][i]["response"] for i in ids],
                              [answers[ref][i]["response"] for i in ids])
             table[n]["win_rate_llm"], table[n]["win_rate_llm_ci"] = _mean_ci(p, n_boot, common.seed)
-    held = {n: {r["id"]: r for r in io.read_jsonl(evals / n / "heldout.jsonl", "logp_sums")}
-            for n in table if _nonempty(evals / n / "heldout.jsonl")}
+    held = {n: {r["id"]: r for r in io.check_rows(evals / n / "metrics.json", logps, "logp_sums")}
+            for n, logps in _heldout_logps(evals, table).items()}
     if ref in held:
         for n in held:
             if n == ref or held[n].keys() != held[ref].keys():
@@ -147,8 +147,14 @@ def add_judged(table: dict[str, dict], evals: Path, params: ReportParams, prompt
             table[n]["implicit_accuracy"], table[n]["implicit_accuracy_ci"] = _mean_ci(right, n_boot, common.seed)
 
 
-def _nonempty(path: Path) -> bool:
-    return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
+def _heldout_logps(evals: Path, table: dict) -> dict[str, list[dict]]:
+    """Model -> its held-out pairs' summed log-probs, which evaluate keeps in metrics.json (`heldout_logps`)."""
+    out = {}
+    for n in table:
+        path = evals / n / "metrics.json"
+        if path.is_file() and (logps := json.loads(path.read_text()).get("heldout_logps")):
+            out[n] = logps
+    return out
 
 
 def add_tax(table: dict[str, dict], tax_reference: str, evals: Path) -> None:

@@ -179,6 +179,7 @@ def run(common, params: RewardModelParams, args) -> dict:
         **training.device_args(device) | {"save_strategy": "no"})  # a few minutes; a checkpoint would be the whole LM
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
                             callbacks=[training.StopOnNaN()])
+    training.log_lines(trainer, "reward_model")
     result = trainer.train()
     model.eval()
     chosen, rejected = heldout_rewards(model, tok, held, common.max_len)

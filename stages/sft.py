@@ -38,20 +38,22 @@ class SftParams:
             raise ValueError("epochs must be > 0, batch_size and grad_accum >= 1")
 
 
-def to_prompt_completion(rows: list[dict], tok, max_len: int) -> tuple[list[dict], Counter]:
+def to_prompt_completion(rows: list[dict], tok, max_len: int) -> tuple[list[dict], Counter, int]:
     """TRL prompt-completion rows; dropped and counted: no final assistant turn, an empty one, longer than max_len
-    (truncating would teach the model to stop mid-answer)."""
-    out, dropped = [], Counter()
+    (truncating would teach the model to stop mid-answer). Also the longest row's tokens: the max_len all need."""
+    out, dropped, longest = [], Counter(), 0
     for r in rows:
         msgs = r["messages"]
         if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
             dropped["no_assistant_answer"] += 1
             continue
-        if len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]) > max_len:
+        n = len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+        longest = max(longest, n)
+        if n > max_len:
             dropped["too_long"] += 1
             continue
         out.append({"prompt": msgs[:-1], "completion": [msgs[-1]]})
-    return out, dropped
+    return out, dropped, longest
 
 
 def run(common, params: SftParams, args) -> dict:
@@ -61,7 +63,10 @@ def run(common, params: SftParams, args) -> dict:
     rows = io.read_jsonl(args.data, "sft")
     device = modeling.device_for(common.device)
     tok = modeling.stage_tokenizer(args.model, padding_side="right")
-    data, dropped = to_prompt_completion(rows, tok, common.max_len)
+    data, dropped, longest = to_prompt_completion(rows, tok, common.max_len)
+    io.check_drops(args.data, len(rows), dropped, common.max_drop_share,
+                   f"raise common.max_len from {common.max_len} to {longest} to keep every row (too_long)"
+                   if dropped["too_long"] else "give each demo a non-empty final assistant turn")
     if not data:
         raise io.InputError(f"{args.data}: no usable row (dropped: {dict(dropped)}): each needs a non-empty final "
                             f"assistant turn within common.max_len={common.max_len} tokens")
@@ -75,6 +80,7 @@ def run(common, params: SftParams, args) -> dict:
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok,
                          peft_config=training.lora_config(params.lora_params) if params.lora else None,
                          callbacks=[training.StopOnNaN()])
+    training.log_lines(trainer, "sft")
     result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
     training.save(trainer.model, args.out, base, parents,
                   {"sft": config.to_dict(params), "common": config.to_dict(common)})

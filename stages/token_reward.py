@@ -85,6 +85,7 @@ def run(common, params: TokenRewardParams, args) -> dict:
         model=model, args=targs, train_dataset=Dataset.from_list(train),
         data_collator=DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=common.max_len),
         callbacks=[training.StopOnNaN()], aggregator=params.aggregator, tau=params.tau)
+    training.log_lines(trainer, "token_reward")
     result = trainer.train()
     metrics = accuracy(model.eval(), tok, held, common.max_len, params.tau) | {
         f"{k}_initial": v for k, v in initial.items()} | {"scale": float(model.scale.detach())}

@@ -54,6 +54,8 @@ def repo(tmp_path_factory):
 def test_first_repro_runs_every_stage(repo):
     repo, log = repo
     assert _ran(log) == STAGES
+    assert {s for s in STAGES if re.search(rf"posttrain\.cli: {re.escape(s)} done in [0-9.]+ s", log)} == STAGES
+    assert "is empty" not in log, "a DVC warning about an empty dependency or output"
     table = json.loads((repo / "reports/metrics.json").read_text())
     assert set(table) == {"base", "sft", "dpo", "tgdpo_token", "wise_50"}
     assert table["wise_50"]["merge"]["alpha"] == 0.5 and "alignment_tax" in table["wise_50"]

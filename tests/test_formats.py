@@ -110,8 +110,9 @@ BAD = [  # (file name, content, None = detect / a format name, error message)
      r"row 1: field 'messages': message 0: unknown role 'bot'"),
     ("p.jsonl", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": "high"}), None,
      r"row 1: field 'score_chosen': expected a number, got str"),
-    ("p.jsonl", GOOD + "\n" + json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": float("nan")}),
-     None, r"p.jsonl: row 2: field 'score_chosen': expected a finite number, got nan"),  # json reads NaN
+    ("p.jsonl", GOOD + "\n" + json.dumps({"prompt": "a", "chosen": "b", "rejected": "c",
+                                         "score_chosen": float("nan")}), None,
+     r"p.jsonl: row 2: field 'score_chosen': expected a finite number, got nan"),  # json reads NaN
     ("p.jsonl", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score_rejected": float("-inf")}), None,
      r"row 1: field 'score_rejected': expected a finite number, got -inf"),
     ("p.csv", "prompt,chosen,rejected,score_chosen\nFine?,Yes.,No.,inf\n", None,

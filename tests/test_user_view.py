@@ -1,0 +1,91 @@
+"""What a user sees while a stage runs: its summary line, TRL's log lines, and a stage that stops loudly when a
+rule drops most of its rows (issue 25)."""
+
+import json
+import logging
+
+import pytest
+from transformers import TrainerState
+
+from posttrain import cli, io, modeling, training
+from stages import generate, prepare, sft
+from tests.conftest import tiny_params
+
+U = {"role": "user", "content": "What is 2 + 2?"}
+
+
+def test_summary_puts_counts_first_and_leaves_intervals_to_mlflow():
+    metrics = {"train_loss": 0.69314, "rows": 154, "pass_rate_ci": (0.1, 0.2), "heldout_accuracy_initial": 0.5,
+               "dropped_too_long": 166, "backend": "hf", "passed_through": True, "peak_rss_mb": 900.0}
+    assert cli.summary("sft", metrics, 149.04) == (
+        "sft done in 149.0 s: rows 154, dropped_too_long 166, train_loss 0.6931, backend hf")
+    many = {f"m{i}": float(i) for i in range(12)}
+    assert cli.summary("x", many, 1.0, limit=2) == "x done in 1.0 s: m0 0, m1 1 (+10 more in MLflow)"
+    assert cli.summary("base", {}, 0.25) == "base done in 0.2 s"
+
+
+def test_check_drops_logs_under_the_share_and_stops_over_it(caplog):
+    with caplog.at_level(logging.WARNING, logger="posttrain.io"):
+        io.check_drops("f.jsonl", 4, {"too_long": 1, "empty": 1}, 0.5, "raise x")  # 2 of 4: at the share, kept
+    assert caplog.messages == ["f.jsonl: 2 of 4 rows dropped (empty 1, too_long 1)"]
+    with pytest.raises(io.InputError, match=r"^f\.jsonl: 3 of 4 rows dropped \(too_long 3\): more than "
+                                            r"common\.max_drop_share=0\.5 of them; raise x$"):
+        io.check_drops("f.jsonl", 4, {"too_long": 3}, 0.5, "raise x")
+    io.check_drops("f.jsonl", 4, {"too_long": 0}, 0.0, "raise x")  # nothing dropped: silent even at share 0
+
+
+def test_sft_stops_when_most_demos_exceed_max_len_and_names_the_length_needed(workdir, tmp_path):
+    rows = [{"id": "short", "messages": [U, {"role": "assistant", "content": "4"}]}] + [
+        {"id": f"long{i}", "messages": [U, {"role": "assistant", "content": "four " * (20 + 10 * i)}]}
+        for i in range(3)]
+    data = tmp_path / "sft.jsonl"
+    io.write_jsonl(data, rows)
+    tok = modeling.stage_tokenizer(workdir / "models" / "base", padding_side="right")
+    lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for r in rows]
+    assert lengths[0] < min(lengths[1:])
+    params = tiny_params(tmp_path, common={"max_len": lengths[0]})
+    with pytest.raises(SystemExit, match=rf"{data}: 3 of 4 rows dropped \(too_long 3\): more than "
+                                         rf"common.max_drop_share=0.5 of them; raise common.max_len from "
+                                         rf"{lengths[0]} to {max(lengths)} to keep every row"):
+        sft.main(["--params", str(params), "--model", str(workdir / "models" / "base"), "--data", str(data),
+                  "--out", str(tmp_path / "sft")])
+    assert not (tmp_path / "sft").exists()
+
+
+def test_prepare_stops_when_most_of_a_users_rows_are_dropped(tmp_path):
+    src = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Q{i}?", "chosen": "Same.", "rejected": "Same."} for i in range(3)]
+    src.write_text("\n".join(json.dumps(r) for r in rows + [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}]))
+    params = tiny_params(tmp_path, prepare={"source": str(src)})
+    with pytest.raises(SystemExit, match=rf"{src}: 3 of 4 rows dropped \(chosen_equals_rejected 3\): more than "
+                                         r"common.max_drop_share=0.5"):
+        prepare.main(["--params", str(params), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("samples", "stops"), [(["", "", "", "4"], True), (["", "4", "5", "4"], False)])
+def test_generate_stops_when_most_samples_are_empty(workdir, tmp_path, monkeypatch, samples, stops):
+    prompts = tmp_path / "train.jsonl"
+    io.write_jsonl(prompts, [{"id": f"p{i}", "task": "add", "messages": [U], "verifier": None} for i in range(2)])
+    monkeypatch.setattr(generate.sampling, "sample", lambda model, tok, p, **kw: [list(samples) for _ in p])
+    argv = ["--params", str(tiny_params(tmp_path)), "--model", str(workdir / "models" / "base"), "--prompts",
+            str(prompts), "--out", str(tmp_path / "samples.jsonl")]
+    if stops:
+        with pytest.raises(SystemExit, match=r"samples.jsonl: 6 of 8 rows dropped \(empty_sample 6\): more than "
+                                             r"common.max_drop_share=0.5 of them; the policy ends its turn at once"):
+            generate.main(argv)
+    else:
+        assert generate.main(argv)["samples"] == 8
+
+
+def test_trainer_logs_one_fixed_width_line_per_logging_step(capsys):
+    line = training.LogLine("dpo@dpo")
+    state = TrainerState(global_step=0, max_steps=40)
+    line.on_train_begin(None, state, None)
+    state.global_step = 8
+    line.on_log(None, state, None, logs={"loss": 0.693147, "learning_rate": 1e-4, "epoch": 0.2,
+                                         "rewards/margins": -0.01234})
+    out = capsys.readouterr().out
+    assert out.startswith("dpo@dpo step  8/40  loss    0.6931  learning_rate    0.0001  rewards/margins  -0.01234  [")
+    assert out.endswith("left]\n") and out.count("\n") == 1
