@@ -313,7 +313,7 @@ def run(common, params: ReportParams, args) -> dict:
         panels = [("heldout_pref_accuracy", "held-out pref accuracy"), ("heldout_chosen_ppl", "held-out chosen ppl")]
     else:  # a user's prompts with neither verifiers nor held-out pairs: only lengths and perplexity were measured
         panels = [("mean_length", "mean response length"), ("general_ppl", "general ppl")]
-    plots.scores(table, names, panels, out / "scores.png")
+    plots.scores(table, names, panels, out / "scores.png", shipped)
     plots.pareto(table, names, params.tax_reference, shipped, out / "pareto.png", panels[0][0])
     if shipped:
         import mlflow

@@ -7,7 +7,7 @@ import logging
 import pytest
 from transformers import TrainerState
 
-from posttrain import cli, io, modeling, training
+from posttrain import cli, io, modeling, plots, training
 from stages import generate, prepare, sft
 from tests.conftest import tiny_params
 
@@ -89,3 +89,35 @@ def test_trainer_logs_one_fixed_width_line_per_logging_step(capsys):
     out = capsys.readouterr().out
     assert out.startswith("dpo@dpo step  8/40  loss    0.6931  learning_rate    0.0001  rewards/margins  -0.01234  [")
     assert out.endswith("left]\n") and out.count("\n") == 1
+
+
+def test_label_column_keeps_the_gap_and_the_range():
+    assert plots.label_column([0.5, 0.5, 0.5], 0.1) == pytest.approx([0.5, 0.4, 0.3])
+    assert plots.label_column([0.02, 0.0], 0.1) == pytest.approx([0.1, 0.0])  # pushed up from the bottom
+    assert plots.label_column([0.9, 0.1], 0.1) == pytest.approx([0.9, 0.1])  # far apart: at their points
+    assert plots.label_column([0.5] * 11, 0.2) == pytest.approx([1 - i / 10 for i in range(11)])  # too many: even
+
+
+def test_report_pictures_fit_a_screen_and_their_labels_do_not_overlap(tmp_path):
+    from matplotlib.image import imread
+
+    # 16 models as the default table has them, 12 within 2 points of each other near the top left
+    table = {f"m{i:02d}": {"pass_rate": 0.5 + 0.001 * i, "pass_rate_ci": [0.43, 0.57], "alignment_tax": -0.012,
+                           "win_rate_vs_sft": 0.55, "win_rate_vs_sft_ci": [0.5, 0.6]} for i in range(12)}
+    table |= {n: {"pass_rate": p, "pass_rate_ci": [p - 0.05, p + 0.05], "alignment_tax": t, "win_rate_vs_sft": 0.4,
+                  "win_rate_vs_sft_ci": [0.3, 0.5]} for n, p, t in
+              [("base", 0.14, 0.0), ("sft", 0.44, 0.0), ("ipo", 0.22, -0.012), ("tgdpo_cancel_token", 0.3, 0.01)]}
+    names = list(table)
+    panels = [("pass_rate", "gold pass rate"), ("win_rate_vs_sft", "win rate vs sft")]
+    plots.scores(table, names, panels, tmp_path / "scores.png", shipped="m11")
+    texts = plots.pareto(table, names, "sft", "m11", tmp_path / "pareto.png")
+    for name in ("scores.png", "pareto.png"):
+        height, width = imread(tmp_path / name).shape[:2]
+        assert width <= 2000 and height <= 2000, (name, width, height)
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t) for t in texts]  # the name alone (an Annotation's box takes in its line)
+    assert len(boxes) == 16 and "m11 (ship)" in [t.get_text() for t in texts]
+    overlapping = [(texts[i].get_text(), texts[j].get_text()) for i in range(16) for j in range(i + 1, 16)
+                   if boxes[i].overlaps(boxes[j])]
+    assert not overlapping
