@@ -3,8 +3,9 @@ the date. Every bench script writes its results file through `write_results`; no
 
     machine.write_results("bench/results/step_time.json", results, allow_dirty=args.allow_dirty)
 
-A dirty tree is `git status --porcelain` with anything in it outside `bench/results/`: modified or staged tracked
-files, and untracked files that .gitignore does not cover (a new module the benchmark may import is code that ran).
+A dirty tree is `git status --porcelain` with anything in it outside `bench/results/` and DVC's bookkeeping (dvc.lock,
+.gitignore files, reports/: what `make run` leaves): modified or staged tracked files, and untracked files that
+.gitignore does not cover (a new module the benchmark may import is code that ran).
 Results files themselves do not count, so two benchmarks can run one after the other before either is committed.
 A commit made while a benchmark runs counts as dirty too: the revision written would not be the code that ran.
 """
@@ -56,8 +57,15 @@ def git_state(repo: str | Path = ".") -> tuple[str, list[str]]:
 
     sha = git("rev-parse", "HEAD").strip()
     status = git("status", "--porcelain", "--untracked-files=all").splitlines()
-    lines = [ln for ln in status if not ln[3:].startswith(RESULTS_DIR)]
+    lines = [ln for ln in status if not ln[3:].startswith(RESULTS_DIR) and not dvc_bookkeeping(ln[3:])]
     return sha, lines
+
+
+def dvc_bookkeeping(path: str) -> bool:
+    """What `dvc repro` (`make run`) writes into the tree and no benchmark runs: dvc.lock, the .gitignore files it
+    keeps for its outputs, and the stages' outputs under reports/ (metrics.json, summary.json: `cache: false`)."""
+    path = path.split(" -> ")[-1].strip('"')
+    return path == "dvc.lock" or path == ".gitignore" or path.endswith("/.gitignore") or path.startswith("reports/")
 
 
 def command(argv: list[str] | None = None) -> str:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.integrations import MLflowCallback
 
 from bench import machine
 from posttrain import config, io, modeling, preference
@@ -97,7 +98,8 @@ def main(argv=None) -> dict:
                 dataset, _ = dpo.build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
                                                Path(args.guidance), args.prefs)
                 trainer = dpo.make_trainer(model, tok, dataset, params, common, device, f"/tmp/bench_{name}")
-                trainer.args.max_steps, trainer.args.save_strategy, trainer.args.report_to = args.steps, "no", []
+                trainer.args.max_steps, trainer.args.save_strategy = args.steps, "no"
+                trainer.remove_callback(MLflowCallback)  # added at init from report_to: no run in the user's store
             trainer.add_callback(timer)
             trainer.train()
             times[name] += timer.times[1:]  # the first step pays for allocator warm-up

@@ -78,6 +78,18 @@ def test_write_results_records_provenance_and_refuses_a_dirty_tree(repo, monkeyp
         machine.write_results("bench/results/v.json", {}, ["python", "-m", "bench.v"])
     monkeypatch.setattr(machine, "_started", None)
 
+    # what `make run` leaves (dvc.lock, DVC's .gitignore files, reports/ metrics) is not code: still clean
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "reports" / "evaluate" / "sft").mkdir(parents=True)
+    (repo / "reports" / "evaluate" / "sft" / "metrics.json").write_text("{}")
+    (repo / "reports" / "evaluate" / "sft" / ".gitignore").write_text("/answers.jsonl\n")
+    (repo / ".gitignore").write_text("scratch/\n/models\n")
+    assert machine.write_results("bench/results/u.json", {}, ["python", "-m", "bench.u"])["dirty"] is False
+    (repo / "reports.py").write_text("z = 1\n")  # code beside reports/ is code
+    with pytest.raises(SystemExit, match="reports.py"):
+        machine.write_results("bench/results/u.json", {}, ["python", "-m", "bench.u"])
+    (repo / "reports.py").unlink()
+
     (repo / "new_module.py").write_text("y = 1\n")  # untracked and not ignored: code that may have run
     with pytest.raises(SystemExit, match="new_module.py"):
         machine.write_results("bench/results/w.json", {}, ["python", "-m", "bench.w"])
@@ -110,7 +122,7 @@ def test_stage_metrics_copies_what_the_stages_wrote_with_the_pipelines_revision(
     got = stage_metrics.main(["--repo", str(run), "--out", str(repo / "scratch/out.json")])
     assert got["report"] == {"sft": {"pass_rate": 0.25}} and "reports/credit/metrics.json" in got["missing"]
     assert got["pipeline"]["params_profile"] is None
-    assert got["pipeline"]["changed_files"] == ["params.yaml", "reports/metrics.json"]
+    assert got["pipeline"]["changed_files"] == ["params.yaml"]  # reports/ is the run's output, not a change
     (run / "params.yaml").write_text("common: {seed: 0}\n")
     got = stage_metrics.main(["--repo", str(run), "--out", str(repo / "scratch/out.json")])
     assert got["pipeline"]["params_profile"] == "long.yaml"
