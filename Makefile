@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.lock
 run: setup
 	@test -d .git || (git init -q && echo "initialised a git repo (dvc needs one)")
 	@test -d .dvc || $(BIN)/dvc init -q
-	PATH=$(BIN):$$PATH $(BIN)/dvc repro
+	PATH=$(BIN):$$PATH $(PY) -m posttrain.run
 	@$(PY) -m posttrain.table reports/report.md
 	@echo "results: reports/report.md, reports/scores.png, reports/metrics.json; models under models/;"
 	@echo "per-model metrics: $(BIN)/dvc metrics show"

@@ -5,8 +5,9 @@
 
 Each task is `dvc repro --single-item <stage>`, so DVC's lock and cache stay the truth: an unchanged stage is
 skipped by DVC, not by the flow. The flow opens an MLflow parent run; every stage run nests under it
-(MLFLOW_PARENT_RUN_ID). At the end it publishes the report table as a Prefect markdown artifact with a link to
-each stage's MLflow run.
+(MLFLOW_PARENT_RUN_ID). Before each stage DVC will run, the flow's log says "stage k of N", the time spent and
+an estimate of the time left (`posttrain.run`, from the last run's stage times). At the end it publishes the
+report table as a Prefect markdown artifact with a link to each stage's MLflow run.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from posttrain import config, tracking
+from posttrain import config, run, tracking
 
 
 def stage_order(repo_dir: str | Path = ".") -> list[str]:
@@ -74,8 +76,21 @@ def recipe(repo_dir: str = ".", params: str = "params.yaml") -> dict[str, str]:
     uri = tracking.resolve_uri(common.mlflow_uri, repo_dir)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(common.mlflow_experiment)
+    will = run.to_run(repo_dir)
+    own, prior, cpu = run.known_times(Path(repo_dir))
+    times, started, t0 = dict(own), [], time.perf_counter()
+    outcome = {}
     with mlflow.start_run(run_name="recipe", tags={"flow": "recipe"}) as parent:
-        outcome = {s: run_stage(s, repo_dir, parent.info.run_id) for s in stage_order(repo_dir)}
+        for s in stage_order(repo_dir):
+            if s in will:  # stage k of N and the time left, in the flow run's log (the UI shows it)
+                started.append(s)
+                get_run_logger().info(run.line(started, will, time.perf_counter() - t0, times, prior, cpu))
+            begun = time.perf_counter()
+            outcome[s] = run_stage(s, repo_dir, parent.info.run_id)
+            if outcome[s] == "ran":
+                times[s] = time.perf_counter() - begun
+    if times != own:
+        run.save_times(Path(repo_dir), times)
     report = Path(repo_dir) / "reports" / "report.md"
     table = report.read_text() if report.exists() else "(no report yet)"
     create_markdown_artifact(key="recipe-report", markdown=table + "\n\n## Stage runs\n\n" + _runs_table(

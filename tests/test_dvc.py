@@ -47,7 +47,7 @@ def repo(tmp_path_factory):
     shutil.copy(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
     _run(["git", "init", "-q"], repo)
     _run(DVC + ["init", "-q"], repo)
-    log = _run(DVC + ["repro"], repo)
+    log = _run([sys.executable, "-m", "posttrain.run"], repo)  # `make run`'s dvc repro, with stage k of N
     return repo, log
 
 
@@ -56,6 +56,10 @@ def test_first_repro_runs_every_stage(repo):
     assert _ran(log) == STAGES
     assert {s for s in STAGES if re.search(rf"posttrain\.cli: {re.escape(s)} done in [0-9.]+ s", log)} == STAGES
     assert "is empty" not in log, "a DVC warning about an empty dependency or output"
+    assert f"[posttrain] {len(STAGES)} stages to run" in log
+    begun = re.findall(rf"\[posttrain\] stage (\d+) of {len(STAGES)}: (\S+);", log)
+    assert [int(k) for k, _ in begun] == list(range(1, len(STAGES) + 1)) and {s for _, s in begun} == STAGES
+    assert set(json.loads((repo / ".dvc/tmp/stage_times.json").read_text())) == STAGES
     table = json.loads((repo / "reports/metrics.json").read_text())
     assert set(table) == {"base", "sft", "dpo", "tgdpo_token", "wise_50"}
     assert table["wise_50"]["merge"]["alpha"] == 0.5 and "alignment_tax" in table["wise_50"]
@@ -121,9 +125,12 @@ def test_recipe_flow_follows_dvc(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["report"]["reference"] = "base"  # only the report must re-run
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    times = json.loads((repo / ".dvc/tmp/stage_times.json").read_text())
     with prefect_test_harness(server_startup_timeout=STARTUP_S):
         outcome = recipe(repo_dir=str(repo))
     assert {s for s, o in outcome.items() if o == "ran"} == {"report"}
+    after = json.loads((repo / ".dvc/tmp/stage_times.json").read_text())  # the flow times what it ran
+    assert after.keys() == times.keys() and {s for s in times if after[s] != times[s]} == {"report"}
     assert "win_rate_vs_base" in json.loads((repo / "reports/metrics.json").read_text())["sft"]
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["posttrain"])

@@ -121,3 +121,18 @@ def test_report_pictures_fit_a_screen_and_their_labels_do_not_overlap(tmp_path):
     overlapping = [(texts[i].get_text(), texts[j].get_text()) for i in range(16) for j in range(i + 1, 16)
                    if boxes[i].overlaps(boxes[j])]
     assert not overlapping
+
+
+def test_run_says_stage_k_of_n_and_the_time_left_from_the_last_runs_times():
+    from posttrain import run
+
+    stages = ["prepare", "base", "sft", "report"]
+    own, prior = {"prepare": 3.0, "base": 20.0, "sft": 100.0}, {"sft": 70.0, "report": 5.0}
+    assert run.estimate(stages[2:], own, prior) == (105.0, 1, 1)  # sft's own 100 s, report's benchmark 5 s
+    assert run.line(["prepare", "base", "sft"], stages, 23.4, own, prior, "Intel Xeon") == (
+        "[posttrain] stage 3 of 4: sft; 0m23s spent, ~1m45s left (partly timed on Intel Xeon)")
+    assert run.line(["prepare"], stages, 0, own, {}, None) == (
+        "[posttrain] stage 1 of 4: prepare; 0m00s spent, ~2m03s left (last run's times, 1 stages untimed)")
+    assert run.line(["prepare", "merge@x"], stages, 5, {}, {}, None) == (  # a stage DVC ran unforeseen counts too
+        "[posttrain] stage 2 of 5: merge@x; 0m05s spent, no stage times yet")
+    assert run.clock(3725) == "1h02m"
