@@ -358,6 +358,11 @@ def test_credit_stage_blames_where_the_guidance_points_and_measures_displacement
                                                               for k in range(len(r["spans"]))]} for r in located]
         preference.write_token_values(tmp_path / f"guidance/{name}/rhat.jsonl", rows)
     shutil.copytree(base, tmp_path / "policies/dpo")  # the reference itself: no displacement
+    rows = ("rpo", "tgdpo_cancel", "tgdpo_cancel_token", "step_dpo")  # every row counts, whatever its loss or pairs
+    for name in rows:
+        (tmp_path / "policies" / name).symlink_to(base)
+    for debris in ("tgdpo.ckpt/checkpoint-2", ".rpo.tmp-1"):  # a killed run's checkpoints and temp: no policies
+        (tmp_path / "policies" / debris).mkdir(parents=True)
     other = modeling.load_chain(base)
     with __import__("torch").no_grad():
         other.lm_head.weight.add_(0.05 * __import__("torch").randn_like(other.lm_head.weight))
@@ -371,7 +376,9 @@ def test_credit_stage_blames_where_the_guidance_points_and_measures_displacement
     assert m["blame"]["step"]["hit_rate"]["mean"] == 1.0 and m["blame"]["start"]["hit_rate"]["mean"] == 0.0
     chance = sum(credit.blame_one([0.0] * len(r["spans"]), r["spans"], r["wrong"])[1] for r in located) / 6
     assert m["blame"]["step"]["chance"]["mean"] == pytest.approx(chance)
-    assert m["displacement"]["dpo"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    assert set(m["displacement"]) == {"dpo", "noisy", *rows} and set(m["displacement_minus_dpo"]) == {"noisy", *rows}
+    assert all(m["displacement"][n]["n"] == 6 and m["displacement"][n]["mean"] == pytest.approx(0.0, abs=1e-5)
+               for n in ("dpo", *rows))
     noisy = m["displacement"]["noisy"]
     assert noisy["n"] == 6 and abs(noisy["mean"]) > 1e-3
     assert m["displacement_minus_dpo"]["noisy"]["mean"] == pytest.approx(noisy["mean"], abs=1e-5)
