@@ -6,7 +6,9 @@ Round k is planned once, when it starts, into `rounds/round_<k>.yaml`: the param
 reference, the variant and the exact command of every step. Its steps, in order: generate (samples from the
 champion on the round's fresh prompts) -> label -> reference -> [TGDPO: token_reward or a DPO guide, then
 guidance] -> dpo (a new LoRA on the champion) -> evaluate on the eval split (reported) and on the selection split
-(decided on); round 1 also evaluates the initial champion on both.
+(decided on); round 1 also evaluates the initial champion on both. As in dvc.yaml, reference and dpo are given the
+round's `label/step_prefs.jsonl`, which label writes with `label.step_pairs` (and at least one pair): reference then
+caches it and a `pairs: step` variant (Step-DPO) trains on it.
 
 Promotion is decided on the selection split, never on the eval split it reports: `rounds/selection.jsonl`,
 drawn once (before round 1) from the task suite, disjoint from `data/prepare` and from every round's prompts, so
@@ -218,22 +220,28 @@ def _guidance_source(spec: dict, variant, r: Round, where: str):
 def plan(spec: dict) -> list[Step]:
     """The stage executions of a round, in order."""
     from stages import dpo
+    from stages.label import LabelParams
 
     where = str(spec_path(spec["round"]["k"]))
     r = read_round(spec, where)
     d = r.dir
     params = ["--params", str(spec_path(r.k))]
     prefs, reference = str(d / "label" / "prefs.jsonl"), str(d / "reference")
+    step_prefs = ["--step-prefs", str(d / "label" / "step_prefs.jsonl")]  # read only where label wrote it
     steps = [
         Step("generate", "generate", params + ["--model", r.champion, "--prompts", str(d / "prompts.jsonl"),
                                                "--out", str(d / "samples.jsonl")], d / "samples.jsonl"),
         Step("label", "label", params + ["--samples", str(d / "samples.jsonl"), "--out", str(d / "label")],
              d / "label"),
-        Step("reference", "reference", params + ["--model", r.reference, "--prefs", prefs, "--out", reference],
-             d / "reference"),
+        Step("reference", "reference", params + ["--model", r.reference, "--prefs", prefs, *step_prefs,
+                                                 "--out", reference], d / "reference"),
     ]
     dpo_params = config.parse(dpo.DpoParams, spec.get("dpo"), f"{where}: dpo")
     variant = dpo.resolve(dpo_params, r.variant, where)
+    if variant.pairs == "step" and not config.parse(LabelParams, spec.get("label"), f"{where}: label").step_pairs:
+        # refused before the round samples for an hour, not at its dpo step
+        raise config.ParamsError(f"{where}: dpo.variants.{r.variant}.pairs: step, and label.step_pairs is off: "
+                                 "the round's label writes no step pairs; set label.step_pairs: true on worked tasks")
     guidance = reference
     if losses.LOSSES[variant.loss].guided:  # the variant's guidance source, re-made on this round's pairs
         source_name, source = _guidance_source(spec, variant, r, where)
@@ -249,14 +257,14 @@ def plan(spec: dict) -> list[Step]:
                 raise config.ParamsError(f"{where}: guidance.sources.{source_name}.model: {source.model} is no "
                                          f"models/dpo/<variant> of dpo.variants {sorted(dpo_params.variants)}")
             steps.append(Step("guide", "dpo", params + [
-                "--variant", guide_variant, "--model", r.champion, "--prefs", prefs, "--reference", reference,
-                "--guidance", reference, "--out", str(guide)], guide))
+                "--variant", guide_variant, "--model", r.champion, "--prefs", prefs, *step_prefs, "--reference",
+                reference, "--guidance", reference, "--out", str(guide)], guide))
         guidance = str(d / "guidance")
         steps.append(Step("guidance", "guidance", params + [
             "--name", source_name, "--model", str(guide), "--prefs", prefs, "--reference", reference,
             "--out", guidance], d / "guidance"))
     steps.append(Step("dpo", "dpo", params + ["--variant", r.variant, "--model", r.champion, "--prefs", prefs,
-                                              "--reference", reference, "--guidance", guidance,
+                                              *step_prefs, "--reference", reference, "--guidance", guidance,
                                               "--out", str(d / "model")], d / "model"))
     evaluations = [("evaluate", str(d / "model"), f"round_{r.k}", EVAL_PROMPTS, str(d / "eval")),
                    ("select", str(d / "model"), f"round_{r.k}_select", SELECTION, str(d / "select"))]
@@ -307,5 +315,8 @@ def decide(spec: dict) -> dict:
     reported = {"candidate": json.loads((r.dir / "eval" / "metrics.json").read_text()),
                 "champion": json.loads((Path(r.champion_eval) / "metrics.json").read_text())}
     out = decision(r, it.promote, _passed(r.dir / "select"), _passed(r.champion_select), n_boot, reported)
-    out["pairs"] = json.loads((r.dir / "label" / "stats.json").read_text())["pairs"]
+    label = json.loads((r.dir / "label" / "stats.json").read_text())
+    out["pairs"] = label["pairs"]
+    if "step_pairs" in label:  # label.step_pairs: what a `pairs: step` variant trained on
+        out["step_pairs"] = label["step_pairs"]["pairs"]
     return out

@@ -10,9 +10,11 @@ Reads the pairs of worked tasks (`tasks.PLANS`: a rejected answer whose first wr
   does not list the folder, which a DPO-only recipe lacks: the guidance TGDPO trained with reaches this stage
   through `models/dpo`): the share of rejected answers
   whose lowest-r_hat token lies in the first wrong step, against chance (step tokens / response tokens);
-- shared-prefix displacement, for each trained policy (`models/dpo/<variant>`): the mean change from the reference
-  of the log-probs of the rejected answers' tokens before their first wrong step, and each minus `dpo`'s, paired by
-  answer.
+- shared-prefix displacement, for each trained policy (every row's `models/dpo/<row>`, whatever its loss or pairs:
+  rpo, tgdpo_cancel*, step_dpo too): the mean change from the reference of the log-probs of the rejected answers'
+  tokens before their first wrong step, and each minus `dpo`'s, paired by answer. Measured on the response-level
+  pairs for every row, so a `pairs: step` row (whose prompts hold those correct steps) is compared on the same
+  answers: what its training did to the correct steps of whole answers.
 Writes `metrics.json` and `pairs.png` (a few rejected answers, each token coloured by each source's r_hat, the
 first wrong step boxed). With no worked-task pairs (the default task's answers are a number) it writes `n: 0`
 and a picture that says so, without loading a model.
@@ -48,6 +50,14 @@ def folders(root: str, name: str) -> dict[str, Path]:
     return {d.name: d for d in sorted(Path(root).iterdir()) if d.is_dir() and (not name or (d / name).exists())}
 
 
+def policies(root: str) -> dict[str, Path]:
+    """The trained policies under `root`: its sub-folders holding a model as `modeling.model_chain` reads one
+    (chain.json or config.json). A killed dpo run's resume checkpoints (`<row>.ckpt`) and temp folder
+    (`.<row>.tmp-<pid>`) are none."""
+    return {n: d for n, d in folders(root, "").items()
+            if not n.startswith(".") and ((d / "chain.json").exists() or (d / "config.json").exists())}
+
+
 def shifts(located: list[dict], ref: dict, policies: dict[str, Path], tok, pairs: list[dict], common,
            params: CreditParams, source: str) -> dict[str, dict]:
     """Shared-prefix displacement under each policy (one forward pass over the located pairs each)."""
@@ -78,7 +88,7 @@ def run(common, params: CreditParams, args) -> dict:
     rhat = {s: preference.read_token_values(d / "rhat.jsonl") for s, d in sources.items()} if located else {}
     blame = {s: credit.blame(credit.attach(located, v, "rhat"), params.n_bootstrap, common.seed)
              for s, v in rhat.items()}
-    shift = shifts(located, ref, folders(args.policies, ""), tok, pairs, common, params, args.prefs) if located else {}
+    shift = shifts(located, ref, policies(args.policies), tok, pairs, common, params, args.prefs) if located else {}
     minus_dpo = {n: credit.paired_difference(s["values"], shift["dpo"]["values"], params.n_bootstrap, common.seed)
                  for n, s in shift.items() if n != "dpo" and "dpo" in shift}
     panels = [credit.panel(f"{ex['id']} rejected, r_hat of {s}", ex["text"], ex["spans"], v[ex["id"]]["rejected"],

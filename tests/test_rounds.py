@@ -82,6 +82,48 @@ def test_tgdpo_rounds_remake_their_guidance(repo):
         rounds.new_spec(1, data, "params.yaml")
 
 
+def _step_spec(workdir, **label) -> dict:
+    data = config.read_yaml("params.yaml")
+    base = str(workdir / "models/base")
+    data["iterative"] |= {"variant": "step_dpo", "initial": base, "reference": base}
+    data["dpo"]["variants"]["step_dpo"] = {"loss": "dpo", "guidance": "data/reference", "pairs": "step"}
+    data["label"] |= {"step_pairs": True} | label
+    return rounds.new_spec(1, data, "params.yaml")
+
+
+def test_a_step_dpo_round_caches_and_trains_on_its_step_pairs(repo, workdir):
+    """A `pairs: step` variant in a round: reference and dpo get the round's label/step_prefs.jsonl, as dvc.yaml gives
+    data/label's; the planned commands run on hand-written pairs (tests/test_step_dpo.py's) train on the 5 step pairs,
+    not the 3 response ones. With label.step_pairs off the round is refused before it samples."""
+    import importlib
+
+    from tests.test_step_dpo import RESPONSE_PAIRS, STEP_PAIRS
+
+    spec = _step_spec(workdir)
+    io.write_text(rounds.spec_path(1), yaml.safe_dump(spec))
+    steps = {s.name: s for s in rounds.plan(spec)}
+    assert list(steps)[:4] == ["generate", "label", "reference", "dpo"]
+    for name in ("reference", "dpo"):
+        argv = steps[name].argv
+        assert argv[argv.index("--step-prefs") + 1] == "rounds/round_1/label/step_prefs.jsonl"
+    io.write_jsonl("rounds/round_1/label/prefs.jsonl", RESPONSE_PAIRS)
+    io.write_jsonl("rounds/round_1/label/step_prefs.jsonl", STEP_PAIRS)
+    ref = importlib.import_module("stages.reference").main(steps["reference"].argv)
+    assert (ref["pairs"], ref["step_pairs"]) == (3, 5)
+    trained = importlib.import_module("stages.dpo").main(steps["dpo"].argv)
+    assert trained["pairs"] == 5 and (repo / "rounds/round_1/model/adapter_model.safetensors").exists()
+
+    io.write_json("rounds/round_1/label/stats.json", {"pairs": 3, "step_pairs": {"pairs": 5, "by_source": {}}})
+    for folder in ("eval", "select", "champion_eval", "champion_select"):
+        io.write_jsonl(f"rounds/round_1/{folder}/answers.jsonl", [{"id": "p0", "task": "add", "response": "",
+                                                                  "score": 1.0, "passed": True, "length": 1}])
+        io.write_json(f"rounds/round_1/{folder}/metrics.json", {"pass_rate": 1.0, "pass_rate_ci": [0, 1], "n": 1})
+    assert (rounds.decide(spec)["pairs"], rounds.decide(spec)["step_pairs"]) == (3, 5)
+
+    with pytest.raises(config.ParamsError, match="step_dpo.pairs: step, and label.step_pairs is off"):
+        _step_spec(workdir, step_pairs=False)
+
+
 def test_user_data_has_no_rounds(repo):
     data = config.read_yaml("params.yaml")
     data["prepare"]["source"] = "my.jsonl"
