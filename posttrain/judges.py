@@ -7,7 +7,9 @@ Every judge answers two questions about prompt rows (`messages`, and `verifier` 
 `verifier` reads each prompt's gold verifier spec (posttrain.tasks); `reward_model` the Bradley-Terry reward model
 of the `reward_model` stage (P(first) = sigma(r_first - r_second); its `floor`, the calibrated reward of a good
 response, lets `label` drop pairs of two bad answers); `llm` asks a local causal LM in the MT-Bench /
-AlpacaEval pairwise style. Adding a judge is one class with these two methods, one row of `JUDGES`, one test.
+AlpacaEval pairwise style. Adding a judge is one class with these two methods, one `Judge` row of `JUDGES` (its
+label gap, its report column, and how the report gets its win rate: from a value evaluate stored, or by asking it),
+and one test; label and report read everything else from the row.
 
 The LLM judge reads the judge's next-token distribution after the verdict question, restricted to the three
 verdict letters (A, B, C = tie), instead of sampling a verdict: one forward pass per comparison, deterministic, and
@@ -22,10 +24,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from posttrain import progress
+from posttrain import progress, stats
 
 PAIRWISE_TEMPLATE = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
@@ -102,7 +105,7 @@ class VerifierJudge:
 
     def prefer(self, rows: list[dict], first: list[str], second: list[str]) -> list[float]:
         gold = self._gold(rows, [[a, b] for a, b in zip(first, second, strict=True)])
-        return [1.0 if ga > gb else 0.5 if ga == gb else 0.0 for ga, gb in gold]
+        return [stats.win(ga, gb) for ga, gb in gold]
 
 
 class RewardModelJudge:
@@ -130,7 +133,7 @@ class RewardModelJudge:
 
     def prefer(self, rows: list[dict], first: list[str], second: list[str]) -> list[float]:
         ra, rb = self._rewards(rows, first), self._rewards(rows, second)
-        return [1 / (1 + math.exp(b - a)) for a, b in zip(ra, rb, strict=True)]
+        return [bradley_terry(a, b) for a, b in zip(ra, rb, strict=True)]
 
 
 def _question(messages: list[dict]) -> str:
@@ -210,10 +213,53 @@ class LlmJudge:
         return out
 
 
-JUDGES: dict[str, Callable[..., VerifierJudge | RewardModelJudge | LlmJudge]] = {
-    "verifier": VerifierJudge,
-    "reward_model": RewardModelJudge,
-    "llm": LlmJudge,
+@dataclass(frozen=True)
+class Judge:
+    """One row of JUDGES: the judge and all that `label` and `report` need to know about it."""
+
+    cls: Callable[..., Any]
+    """Built with the shared context (`make`); has `scores(rows, samples)` and `prefer(rows, first, second)`."""
+    gap: Callable[[float, float], float]
+    """label: (label.margin, label.min_prob) -> the score gap a pair needs, in the judge's units."""
+    column: str
+    """report: the key of its win rate against the reference in the table; '{ref}' is the reference's name."""
+    header: str
+    """report: the column's header ('{ref}' as above)."""
+    stored: str | None = None
+    """report: the field of evaluate's answers.jsonl rows that holds this judge's value of an answer; a win rate is
+    then `compare(value, the reference's value)` per prompt (None values skipped), with no judge to run. None: the
+    report builds the judge and asks `prefer` (the reference's own row is left out: it ties itself)."""
+    compare: Callable[[float, float], float] | None = None
+    """report: P(an answer beats the reference's) from the two stored values."""
+    needs: str = ""
+    """report: what to set when the answers lack the `stored` field."""
+    about: str = ""
+    """report: one sentence on how its win rate is computed ('{ref}', '{llm}': the LLM judge's model)."""
+    floor: bool = False
+    """label: the judge has a calibrated floor (`floor`): label.reward_floor drops pairs whose chosen is below it."""
+    gold: bool = False
+    """The judge is the gold verifier: label measures the other judges' agreement with it."""
+
+
+def bradley_terry(reward: float, ref: float) -> float:
+    """P(first better) = sigma(r_first - r_ref)."""
+    return 1 / (1 + math.exp(ref - reward))
+
+
+JUDGES: dict[str, Judge] = {
+    "verifier": Judge(VerifierJudge, gap=lambda margin, min_prob: margin, column="win_rate_vs_{ref}",
+                      header="win rate vs {ref} (gold)", stored="score", compare=stats.win, gold=True),
+    "reward_model": Judge(
+        RewardModelJudge, gap=lambda margin, min_prob: math.log(min_prob / (1 - min_prob)), column="win_rate_rm",
+        header="win rate vs {ref} (reward model)", stored="reward", compare=bradley_terry,
+        needs="evaluate.reward_model: true", floor=True,
+        about="Reward-model win rate: mean over prompts of sigma(r - r_{ref}), the `reward_model` stage's rewards of "
+              "each answer."),
+    "llm": Judge(
+        LlmJudge, gap=lambda margin, min_prob: 2 * min_prob - 1, column="win_rate_llm",
+        header="win rate vs {ref} (LLM judge)",
+        about="LLM-judge win rate: `{llm}` compares each answer with `{ref}`'s, both orders asked and averaged, ties "
+              "count half. Judges favour length: mean length is beside it."),
 }
 
 
@@ -222,4 +268,4 @@ def make(name: str, **context):
     batch_size; llm: LlmJudgeParams; trust_remote_code) and takes what it needs."""
     if name not in JUDGES:
         raise ValueError(f"judge {name!r} is not one of {sorted(JUDGES)}")
-    return JUDGES[name](**context)
+    return JUDGES[name].cls(**context)

@@ -31,9 +31,14 @@ def ratio_ppl_ci(nll_sums, token_counts, n_boot: int = 1000, seed: int = 0,
     return float(lo), float(hi)
 
 
+def win(score: float, ref: float) -> float:
+    """1 where a score beats the reference's, 0.5 on a tie, 0 on a loss."""
+    return 1.0 if score > ref else 0.5 if score == ref else 0.0
+
+
 def win_values(scores: list[float], ref_scores: list[float]) -> list[float]:
     """Per prompt: 1 where the model's gold score beats the reference's, 0.5 on a tie, 0 on a loss."""
-    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, ref_scores, strict=True)]
+    return [win(a, b) for a, b in zip(scores, ref_scores, strict=True)]
 
 
 def summarise(answers: list[dict], n_boot: int, seed: int) -> dict:

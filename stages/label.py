@@ -30,7 +30,6 @@ warnings, and a stage that trains on the file fails on its absence as it would o
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -70,9 +69,8 @@ class LabelParams:
             raise ValueError(f"step_pairs_per_prompt must be >= 1, got {self.step_pairs_per_prompt}")
 
     def gap(self) -> float:
-        """The score gap a pair needs, in the judge's units."""
-        return {"verifier": self.margin, "reward_model": math.log(self.min_prob / (1 - self.min_prob)),
-                "llm": 2 * self.min_prob - 1}[self.judge]
+        """The score gap a pair needs, in the judge's units (its JUDGES row's `gap`)."""
+        return judges.JUDGES[self.judge].gap(self.margin, self.min_prob)
 
 
 def make_pairs(rows: list[dict], scores: list[list[float]], gap: float,
@@ -144,8 +142,9 @@ def run(common, params: LabelParams, args) -> dict:
         scores = judge.scores(rows, [r["samples"] for r in rows])
     except ValueError as e:  # the verifier judge names the row and field
         raise io.InputError(f"{args.samples}: {e}") from e
-    floor = judge.floor if params.judge == "reward_model" and params.reward_floor else None
-    if params.judge == "reward_model" and params.reward_floor and floor is None:
+    row = judges.JUDGES[params.judge]
+    floor = judge.floor if row.floor and params.reward_floor else None
+    if row.floor and params.reward_floor and floor is None:
         raise io.InputError(f"{args.reward_model}: no calibration.json (the reward_model stage writes it when it has "
                             "held-out pairs): set label.reward_floor: false, or give it held-out pairs")
     pairs, dropped = make_pairs(rows, scores, params.gap(), floor)
@@ -161,7 +160,7 @@ def run(common, params: LabelParams, args) -> dict:
         stats["step_pairs"] = {"pairs": len(steps), "by_source": by_source, "dropped": dict(step_dropped)}
         step_metrics = {"step_pairs": len(steps)} | {f"step_pairs_{k}": v for k, v in by_source.items()}
     verifiers = {r["id"]: r["verifier"] for r in rows}
-    if params.judge != "verifier" and all(verifiers[p["id"]] for p in pairs):  # how often the judge was right
+    if not row.gold and all(verifiers[p["id"]] for p in pairs):  # how often the judge was right
         gold = [(tasks.score(verifiers[p["id"]], p["chosen"]), tasks.score(verifiers[p["id"]], p["rejected"]))
                 for p in pairs]
         stats["gold_agreement"] = sum(c > r for c, r in gold) / len(pairs)

@@ -84,11 +84,8 @@ def build(evals: Path, reference: str, n_boot: int, seed: int) -> dict[str, dict
         lengths = [a["length"] for a in rows]
         table[name] = {"n": len(rows), "n_gold": len(gold), "mean_length": sum(lengths) / len(lengths)}
         if gold:
-            wins = stats.win_values([a["score"] for a in gold], [ref[a["id"]] for a in gold])
             table[name] |= stats.summarise(gold, n_boot, seed) | {
-                "n": len(rows), "mean_length": sum(lengths) / len(lengths),
-                f"win_rate_vs_{reference}": sum(wins) / len(gold),
-                f"win_rate_vs_{reference}_ci": stats.bootstrap_ci(wins, n_boot, seed)}
+                "n": len(rows), "mean_length": sum(lengths) / len(lengths)}
         metrics = evals / name / "metrics.json"
         if metrics.exists():  # what evaluate measured beyond the answers: general_ppl, held-out pairs, the model
             m = json.loads(metrics.read_text())
@@ -102,40 +99,45 @@ def _mean_ci(values: list[float], n_boot: int, seed: int) -> tuple[float, tuple[
 
 def add_judged(table: dict[str, dict], evals: Path, params: ReportParams, prompts: str | None, common,
                n_boot: int) -> None:
-    """Win rates against the reference by the reward model (P = sigma(r - r_ref) per prompt, from evaluate's
-    rewards) and by the LLM judge (both orders asked), mean reward, and the held-out implicit-reward accuracy
-    (share of held-out pairs where log pi - log pi_ref is larger for chosen than for rejected)."""
-    import math
-
+    """Each judge of `report.judges` (a row of posttrain.judges.JUDGES) adds its win rate against the reference
+    under the row's column: from the value evaluate stored for each answer where the row names one (gold score,
+    reward), else by asking the judge per prompt. Also the mean reward where evaluate stored rewards, and the
+    held-out implicit-reward accuracy (share of held-out pairs where log pi - log pi_ref is larger for chosen than
+    for rejected)."""
     ref = params.reference
     rows = {n: io.read_jsonl(evals / n / "answers.jsonl", "answers") for n in table}
     answers = {n: {a["id"]: a for a in r} for n, r in rows.items()}
     ids = sorted(answers[ref])
-    if "reward_model" in params.judges:
-        for n in table:  # every model first: the reference's rewards enter every win rate
-            missing = next((i for i, a in enumerate(rows[n], start=1) if "reward" not in a), None)
-            if missing:
-                raise io.InputError(f"{evals / n / 'answers.jsonl'}: row {missing}: field 'reward': missing: set "
-                                    "evaluate.reward_model: true for report.judges 'reward_model'")
-        for n in table:
-            p = [1 / (1 + math.exp(answers[ref][i]["reward"] - answers[n][i]["reward"])) for i in ids]
-            table[n]["win_rate_rm"], table[n]["win_rate_rm_ci"] = _mean_ci(p, n_boot, common.seed)
-            table[n]["mean_reward"], table[n]["mean_reward_ci"] = _mean_ci(
-                [answers[n][i]["reward"] for i in ids], n_boot, common.seed)
-    if "llm" in params.judges:
+    for name in params.judges:
+        judge, column = JUDGES[name], JUDGES[name].column.format(ref=ref)
+        if judge.stored:
+            for n in table:  # every model first: the reference's values enter every win rate
+                missing = next((i for i, a in enumerate(rows[n], start=1) if judge.stored not in a), None)
+                if missing:
+                    raise io.InputError(f"{evals / n / 'answers.jsonl'}: row {missing}: field '{judge.stored}': "
+                                        f"missing: set {judge.needs} for report.judges '{name}'")
+            both = [i for i in ids if all(answers[n][i][judge.stored] is not None for n in table)]
+            for n in table if both else ():  # no prompt with a value (a verifier on none): no column
+                values = [judge.compare(answers[n][i][judge.stored], answers[ref][i][judge.stored]) for i in both]
+                table[n][column], table[n][f"{column}_ci"] = _mean_ci(values, n_boot, common.seed)
+            continue
         from posttrain import modeling
 
         if not prompts:
-            raise io.InputError("report: report.judges names 'llm' but no --prompts file was given")
-        rows = {r["id"]: r for r in io.read_jsonl(prompts, "prompts")}
-        judge = make("llm", llm=params.llm, device=modeling.device_for(common.device),
-                            trust_remote_code=common.trust_remote_code)
+            raise io.InputError(f"report: report.judges names '{name}' but no --prompts file was given")
+        by_id = {r["id"]: r for r in io.read_jsonl(prompts, "prompts")}
+        asked = make(name, llm=params.llm, device=modeling.device_for(common.device),
+                     trust_remote_code=common.trust_remote_code)
         for n in table:
             if n == ref:
                 continue
-            p = judge.prefer([rows[i] for i in ids], [answers[n][i]["response"] for i in ids],
+            p = asked.prefer([by_id[i] for i in ids], [answers[n][i]["response"] for i in ids],
                              [answers[ref][i]["response"] for i in ids])
-            table[n]["win_rate_llm"], table[n]["win_rate_llm_ci"] = _mean_ci(p, n_boot, common.seed)
+            table[n][column], table[n][f"{column}_ci"] = _mean_ci(p, n_boot, common.seed)
+    if all("reward" in a for n in table for a in rows[n]):  # evaluate.reward_model: true
+        for n in table:
+            table[n]["mean_reward"], table[n]["mean_reward_ci"] = _mean_ci(
+                [answers[n][i]["reward"] for i in ids], n_boot, common.seed)
     held = {n: {r["id"]: r for r in io.check_rows(evals / n / "metrics.json", logps, "logp_sums")}
             for n, logps in _heldout_logps(evals, table).items()}
     if ref in held:
@@ -180,10 +182,9 @@ def columns(params: ReportParams) -> list[tuple[str, str, str]]:
     """(key, header, format) of every column the table may show; a column shows when some model has its key.
     Format 'ci' ('ci2': to 2 decimals) prints the value with its 95% interval (the key + '_ci')."""
     ref, tax = params.reference, params.tax_reference
-    return [("pass_rate", "pass rate", "ci"), ("mean_score", "mean score", "ci"),
-            (f"win_rate_vs_{ref}", f"win rate vs {ref} (gold)", "ci"),
-            ("win_rate_rm", f"win rate vs {ref} (reward model)", "ci"),
-            ("win_rate_llm", f"win rate vs {ref} (LLM judge)", "ci"), ("mean_reward", "mean reward", "ci"),
+    judged = [(j.column.format(ref=ref), j.header.format(ref=ref), "ci") for j in JUDGES.values()]
+    return [("pass_rate", "pass rate", "ci"), ("mean_score", "mean score", "ci"), *judged,
+            ("mean_reward", "mean reward", "ci"),
             ("implicit_accuracy", f"held-out implicit-reward accuracy vs {ref}", "ci"),
             ("heldout_pref_accuracy", "held-out pref accuracy (likelihood)", "ci"),
             ("heldout_chosen_ppl", "held-out chosen ppl", "ci2"),
@@ -214,12 +215,8 @@ def _intro(table: dict[str, dict], names: list[str], params: ReportParams, gold:
              "(win 1 / tie 0.5 / loss 0)." if gold else
              f"No gold verifier on these {table[names[0]]['n']} held-out prompts (a user's data set): no pass rate "
              "or ship rule."]
-    if any("win_rate_rm" in table[n] for n in names):
-        parts.append(f"Reward-model win rate: mean over prompts of sigma(r - r_{ref}), the `reward_model` stage's "
-                     "rewards of each answer.")
-    if any("win_rate_llm" in table[n] for n in names):
-        parts.append(f"LLM-judge win rate: `{params.llm.model}` compares each answer with `{ref}`'s, both orders "
-                     "asked and averaged, ties count half. Judges favour length: mean length is beside it.")
+    parts += [j.about.format(ref=ref, llm=params.llm.model) for j in JUDGES.values()
+              if j.about and any(j.column.format(ref=ref) in table[n] for n in names)]
     if n_pairs:
         parts.append(f"On {n_pairs} held-out preference pairs: implicit-reward accuracy = share where log pi - log "
                      f"pi_{ref} is larger for the chosen response; pref accuracy = share whose chosen response has "

@@ -2,11 +2,12 @@
 cancellation on real (tiny) models whose verdict is fixed by construction, and the verifier / reward-model judges."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from posttrain import judges, modeling, reward
+from posttrain import io, judges, modeling, reward
 
 ROWS = [{"id": "p1", "messages": [{"role": "user", "content": "What is 2 + 2?"}],
          "verifier": {"type": "number", "answer": 4}}]
@@ -107,5 +108,37 @@ def test_reward_model_judge_is_sigmoid_of_the_reward_difference(workdir, tmp_pat
     assert judge.prefer(ROWS, ["4"], ["5"]) == pytest.approx([1 / (1 + math.exp(r5 - r4))])
 
 
-def test_every_judge_is_tested():
-    assert set(judges.JUDGES) == {"verifier", "reward_model", "llm"}
+def test_every_judge_row_keeps_the_protocol_and_is_tested_here():
+    import inspect
+    import sys
+
+    here = inspect.getsource(sys.modules[__name__])
+    for name, j in judges.JUDGES.items():
+        assert callable(j.cls.scores) and callable(j.cls.prefer), name
+        assert (j.stored is None) == (j.compare is None), f"{name}: a stored value needs its compare, and only then"
+        assert j.gap(0.5, 0.5) >= 0 and j.gap(0.5, 0.9) > 0, name
+        assert f"judges.{j.cls.__name__}(" in here, f"{name}: no test here builds {j.cls.__name__}"
+
+
+def test_a_new_judge_row_shows_its_column_in_label_and_report_with_no_other_edit(tmp_path, monkeypatch):
+    """One row added to JUDGES: label takes its gap, report its win rate (from a stored value) and its column."""
+    from stages import label, report
+
+    shorter = judges.Judge(judges.VerifierJudge, gap=lambda margin, min_prob: 0.25, column="win_rate_short",
+                           header="shorter than {ref}", stored="length", compare=lambda a, b: float(a < b),
+                           about="Shorter: the share of prompts where an answer is shorter than {ref}'s.")
+    monkeypatch.setitem(judges.JUDGES, "shorter", shorter)
+    assert label.LabelParams(judge="shorter").gap() == 0.25
+    lengths = {"sft": [3, 3, 3, 3], "dpo": [1, 5, 2, 3]}  # dpo shorter on prompts 1 and 3: 2 of 4
+    for n, ls in lengths.items():
+        io.write_jsonl(tmp_path / n / "answers.jsonl", [
+            {"id": f"p{i}", "task": "t", "response": "x", "score": None, "passed": None, "length": k}
+            for i, k in enumerate(ls)])
+    table = {n: {} for n in lengths}
+    params = report.ReportParams(judges=["shorter"])
+    report.add_judged(table, tmp_path, params, None, SimpleNamespace(seed=0), 200)
+    assert table["dpo"]["win_rate_short"] == 0.5 and table["sft"]["win_rate_short"] == 0.0  # never shorter itself
+    header = report.table_lines(table, ["sft", "dpo"], params)[0]
+    assert "shorter than sft" in header
+    assert "Shorter: the share of prompts where an answer is shorter than sft's." in report._intro(
+        table | {"sft": table["sft"] | {"n": 4}}, ["sft", "dpo"], params, gold=False)
