@@ -108,10 +108,9 @@ def save(model: RewardModel, out: str | Path, backbone_model: str, resolved: dic
          calibration: dict | None = None) -> None:
     """Write the trained parts atomically: the adapter (or the whole LM), the head and scale, the backbone's name,
     and the calibration (`calibrate`) when there is one."""
-    import yaml
     from safetensors.torch import save_file
 
-    from posttrain import io, training
+    from posttrain import io, tracking, training
 
     with io.atomic_dir(out) as tmp:
         lm = model.lm
@@ -119,7 +118,7 @@ def save(model: RewardModel, out: str | Path, backbone_model: str, resolved: dic
         save_file({"weight": model.score.weight.detach().cpu().contiguous(),
                    "scale": model.scale.detach().cpu().reshape(1)}, str(tmp / "head.safetensors"))
         (tmp / "backbone.json").write_text(json.dumps({"model": str(backbone_model)}) + "\n")
-        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tracking.write_hyperparameters(tmp, resolved)
         if calibration is not None:
             io.write_json(tmp / "calibration.json", calibration)
     training.finish(out)

@@ -62,6 +62,13 @@ def git_revision() -> str:
         return "unknown"
 
 
+def write_hyperparameters(folder: str | Path, resolved: dict) -> None:
+    """`hyperparameters.yaml` beside a model: the resolved params it was made with and the code revision (the one
+    writer, for trained adapters, reward models and merges)."""
+    text = yaml.safe_dump(resolved | {"git_revision": git_revision()}, sort_keys=False)
+    (Path(folder) / "hyperparameters.yaml").write_text(text, encoding="utf-8")
+
+
 def resolved_config(stage: str, common: Common, params: Any, paths: dict[str, str]) -> dict:
     """What a stage ran with: its params, the common block, its paths and the code revision."""
     return {"stage": stage, "common": to_dict(common), stage: to_dict(params), "paths": paths,

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import TrainerCallback
 
-from posttrain import io, modeling
+from posttrain import io, modeling, tracking
 
 
 @dataclass
@@ -163,7 +162,7 @@ def save(model, out: str | Path, base: str | Path, parents: list[str | Path], re
         if (tmp / "adapter_config.json").exists():
             chain = {"base": str(base), "adapters": [str(p) for p in parents] + [str(out)]}
             (tmp / "chain.json").write_text(json.dumps(chain, indent=2) + "\n")
-        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tracking.write_hyperparameters(tmp, resolved)
     finish(out)
 
 

@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import yaml
-
-from posttrain import cli, config, io, modeling
+from posttrain import cli, config, io, modeling, tracking
 
 
 def _linear(aligned: str, other: str, row: MergeRow) -> dict:
@@ -197,9 +195,9 @@ def run(common, row: MergeRow, args) -> dict:
                           "(stages/merge.py)\n" + mergekit_config(build(args.aligned, args.other, row)).to_yaml())
             info = {"name": args.name, **config.to_dict(row), "aligned": args.aligned, "other": args.other}
             io.write_json(tmp / "merge.json", info)
-            (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(
-                {"merge": config.to_dict(row), "name": args.name, "aligned": args.aligned, "other": args.other,
-                 "common": config.to_dict(common)}, sort_keys=False))
+            tracking.write_hyperparameters(tmp, {"merge": config.to_dict(row), "name": args.name,
+                                                 "aligned": args.aligned, "other": args.other,
+                                                 "common": config.to_dict(common)})
     return {"alpha": row.alpha, "density": row.density, "delta_fraction": fraction,
             "size_mb": sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20}
 

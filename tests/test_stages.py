@@ -5,9 +5,10 @@ import json
 import mlflow
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from posttrain import io, modeling, preference, reward, tasks
+from posttrain import io, modeling, preference, reward, tasks, tracking
 from stages import (
     dpo,
     evaluate,
@@ -128,6 +129,8 @@ def test_sft_trains_an_adapter(pipeline):
     assert json.loads((out / "chain.json").read_text())["adapters"] == [str(out)]
     assert pipeline["sft"]["steps"] == 3  # 12 demos / batch 4 * 1 epoch
     assert not (pipeline["dir"] / "models/sft.ckpt").exists(), "checkpoints are removed after a finished run"
+    hyper = yaml.safe_load((out / "hyperparameters.yaml").read_text())
+    assert hyper["sft"]["seed"] == 0 and hyper["git_revision"] == tracking.git_revision() != "unknown"
 
 
 def test_generate_and_label(pipeline):
