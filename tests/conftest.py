@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +54,87 @@ def clean_copy(tmp_path) -> Path:
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copy(ROOT / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
     return tmp_path
+
+
+# --- helpers of the tests that run the pipeline in a scratch git + DVC repo --------------------------------------
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def repo_env(repo: Path) -> dict:
+    return os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
+
+
+def run_ok(cmd: list[str], cwd: Path) -> str:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def stages_run(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+def own_store(repo: Path) -> None:
+    """An absolute MLflow URI: several repos share this test process, where a relative one would follow the cwd."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["common"]["mlflow_uri"] = f"sqlite:///{repo / 'mlflow.db'}"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="module")
+def rounds_repo(tmp_path_factory, workdir) -> Path:
+    """(test_iterative, test_team) A git + DVC repo on the tiny profile holding what rounds read: data/prepare,
+    models/base, models/sft."""
+    from stages import prepare, sft
+
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in ("stages", "posttrain", "profiles", "flows"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
+    own_store(repo)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=repo_env(repo))
+    with contextlib.chdir(repo):  # relative paths, as dvc.yaml passes them (chain.json records them)
+        prepare.main(["--out", "data/prepare"])
+        shutil.copytree(workdir / "models" / "base", "models/base")  # the session's tiny base model
+        sft.main(["--model", "models/base", "--data", "data/prepare/sft.jsonl", "--out", "models/sft"])
+    return repo
+
+
+def copy_repo(repo: Path, dst: Path) -> Path:
+    """A copy of `rounds_repo` with its own MLflow store and no rounds."""
+    shutil.copytree(repo, dst, symlinks=True, ignore=shutil.ignore_patterns("rounds", "mlflow.db", "mlruns"))
+    own_store(dst)
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(Exception):
+            if result := check():
+                return result
+        time.sleep(1)
+    raise TimeoutError(what)
+
+
+# --- worked-answer pairs (test_step_dpo, test_credit, test_rounds) ------------------------------------------------
+
+PROMPT = [{"role": "user", "content": "Work it out step by step, then end with 'Answer: N'. What is 12 + 30 - 5?"}]
+RESPONSE_PAIRS = [{"id": f"r{i}", "prompt": PROMPT, "chosen": "12 + 30 = 42\n42 - 5 = 37\nAnswer: 37",
+                   "rejected": f"12 + 30 = {40 + i}\nAnswer: {35 + i}"} for i in range(3)]
+STEP_PAIRS = [  # the correct steps before the first wrong one end the prompt as an open assistant turn
+    {"id": f"s{i}.step1.0", "prompt": PROMPT + [{"role": "assistant", "content": "12 + 30 = 42\n"}],
+     "chosen": "42 - 5 = 37\nAnswer: 37", "rejected": f"42 - 5 = {30 + i}\nAnswer: {30 + i}"} for i in range(4)
+] + [{"id": "s4.step0.1", "prompt": PROMPT, "chosen": "12 + 30 = 42\n42 - 5 = 37\nAnswer: 37",
+      "rejected": "12 + 30 = 52\n52 - 5 = 47\nAnswer: 47"}]  # wrong at step 0: no prefix

@@ -296,8 +296,7 @@ def test_bench_step_dpo_reads_the_step_pairs(workdir, tmp_path):
 
     from bench import long_answers as la
     from posttrain import io
-    from tests.conftest import tiny_params
-    from tests.test_step_dpo import RESPONSE_PAIRS, STEP_PAIRS
+    from tests.conftest import RESPONSE_PAIRS, STEP_PAIRS, tiny_params
 
     repo, work = tmp_path / "repo", tmp_path / "work"
     (repo / "models").mkdir(parents=True)

@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from posttrain import io, tasks
-from tests.conftest import ASSETS, ROOT
-from tests.test_dvc import DVC, _ran, _run
+from tests.conftest import ASSETS, DVC, ROOT, run_ok, stages_run
 
 pytestmark = pytest.mark.slow
 COMMON = {"prepare", "base", "sft", "generate", "reward_model", "label", "reference", "token_reward", "dpo@dpo",
@@ -36,8 +35,8 @@ def _repo(tmp, prepare: dict, **blocks):
     for block, values in blocks.items():
         params[block] |= values
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-    _run(["git", "init", "-q"], tmp)
-    _run(DVC + ["init", "-q"], tmp)
+    run_ok(["git", "init", "-q"], tmp)
+    run_ok(DVC + ["init", "-q"], tmp)
     return tmp
 
 
@@ -47,7 +46,7 @@ def test_dataset_mode_from_a_trl_conversational_preference_file(tmp_path):
     repo = _repo(tmp_path, {"source": "user/prefs.jsonl", "pairs": "dataset", "n_eval": 4, "n_train": 16,
                             "n_sft": 16}, evaluate={"reward_model": True},
                  report={"judges": ["reward_model", "llm"], "llm": {"model": "models/sft"}})
-    assert _ran(_run(DVC + ["repro"], repo)) == COMMON
+    assert stages_run(run_ok(DVC + ["repro"], repo)) == COMMON
     stats = json.loads((repo / "data/prepare/stats.json").read_text())
     assert (stats["format"], stats["n_prefs"], stats["n_heldout_prefs"], stats["dropped"]) == (
         "preference_conversational", 16, 4, {})
@@ -97,7 +96,7 @@ def test_on_policy_from_reasoning_gym_judged_by_its_scorer(tmp_path):
     # spell_backward gives partial credit per matching letter, so even the random tiny model's samples differ
     repo = _repo(tmp_path, {"source": "reasoning_gym", "reasoning_gym": {"spell_backward": {"size": 40}},
                             "n_eval": 6, "n_train": 12, "n_sft": 12, "n_rm": 8})
-    assert _ran(_run(DVC + ["repro"], repo)) == COMMON
+    assert stages_run(run_ok(DVC + ["repro"], repo)) == COMMON
     evals = io.read_jsonl(repo / "data/prepare/eval.jsonl", "prompts")
     assert {r["verifier"]["type"] for r in evals} == {"reasoning_gym"}
     assert {r["verifier"]["dataset"] for r in evals} == {"spell_backward"}

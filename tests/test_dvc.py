@@ -13,27 +13,13 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import STARTUP_S
+from tests.conftest import DVC, STARTUP_S, run_ok, stages_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"prepare", "base", "sft", "generate", "reward_model", "label", "reference", "token_reward",
           "guidance@token_reward", "dpo@dpo", "dpo@tgdpo_token", "evaluate@base", "evaluate@sft", "evaluate@dpo",
           "evaluate@tgdpo_token", "merge@wise_50", "evaluate@wise_50", "credit", "report"}
 pytestmark = pytest.mark.slow
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-def _ran(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", log))
-
-
-DVC = [sys.executable, "-m", "dvc"]
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +31,15 @@ def repo(tmp_path_factory):
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copy(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
-    _run(["git", "init", "-q"], repo)
-    _run(DVC + ["init", "-q"], repo)
-    log = _run([sys.executable, "-m", "posttrain.run"], repo)  # `make run`'s dvc repro, with stage k of N
+    run_ok(["git", "init", "-q"], repo)
+    run_ok(DVC + ["init", "-q"], repo)
+    log = run_ok([sys.executable, "-m", "posttrain.run"], repo)  # `make run`'s dvc repro, with stage k of N
     return repo, log
 
 
 def test_first_repro_runs_every_stage(repo):
     repo, log = repo
-    assert _ran(log) == STAGES
+    assert stages_run(log) == STAGES
     assert {s for s in STAGES if re.search(rf"posttrain\.cli: {re.escape(s)} done in [0-9.]+ s", log)} == STAGES
     assert "is empty" not in log, "a DVC warning about an empty dependency or output"
     assert f"[posttrain] {len(STAGES)} stages to run" in log
@@ -74,7 +60,7 @@ def test_first_repro_runs_every_stage(repo):
 def test_unchanged_repro_runs_nothing_quickly(repo):
     repo, _ = repo
     t0 = time.perf_counter()
-    assert _ran(_run(DVC + ["repro"], repo)) == set()
+    assert stages_run(run_ok(DVC + ["repro"], repo)) == set()
     assert time.perf_counter() - t0 < 15
 
 
@@ -102,11 +88,11 @@ def test_evaluate_param_reruns_only_evaluate_and_report(repo):
     params["evaluate"]["n_bootstrap"] = 300
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     evaluates = {"evaluate@base", "evaluate@sft", "evaluate@dpo", "evaluate@tgdpo_token", "evaluate@wise_50"}
-    ran = _ran(_run(DVC + ["repro"], repo))
+    ran = stages_run(run_ok(DVC + ["repro"], repo))
     # report follows only if an evaluate output changed (the random tiny model scores 0 everywhere, so the
     # intervals may not move); nothing upstream of evaluate may run
     assert evaluates <= ran <= evaluates | {"report"}
-    assert "pass_rate" in _run(DVC + ["metrics", "show", "--json"], repo)
+    assert "pass_rate" in run_ok(DVC + ["metrics", "show", "--json"], repo)
 
 
 def test_recipe_flow_follows_dvc(repo):
@@ -145,18 +131,18 @@ def test_remote_push_clone_pull_runs_nothing(repo, tmp_path):
     Last in this module: it commits the repo as the earlier tests left it."""
     repo, _ = repo
     remote = tmp_path / "remote"
-    _run(DVC + ["remote", "add", "-d", "team", str(remote)], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "tiny pipeline"], repo)
-    _run(DVC + ["push"], repo)
+    run_ok(DVC + ["remote", "add", "-d", "team", str(remote)], repo)
+    run_ok(["git", "add", "-A"], repo)
+    run_ok(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "tiny pipeline"], repo)
+    run_ok(DVC + ["push"], repo)
     assert len([p for p in remote.rglob("*") if p.is_file()]) > 20  # content-addressed files of every cached out
 
     clone = tmp_path / "clone"
-    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run_ok(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     assert not (clone / "models").exists() and (clone / "reports/metrics.json").exists()  # git has the metrics
-    _run(DVC + ["pull"], clone)
+    run_ok(DVC + ["pull"], clone)
     for f in ("models/merge/wise_50/model.safetensors", "models/dpo/tgdpo_token/adapter_model.safetensors",
               "data/prepare/eval.jsonl", "reports/report.md"):
         assert (clone / f).read_bytes() == (repo / f).read_bytes(), f
-    assert _ran(_run(DVC + ["repro"], clone)) == set()
-    assert "up to date" in _run(DVC + ["status"], clone)
+    assert stages_run(run_ok(DVC + ["repro"], clone)) == set()
+    assert "up to date" in run_ok(DVC + ["status"], clone)

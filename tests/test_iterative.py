@@ -1,12 +1,8 @@
 """Iterative DPO (flows/iterative.py) on the tiny profile: rounds end to end, promotion and the registry alias, a
 no-op re-run, a SIGKILLed round resumed; and the `serve` deployment on a real local Prefect server adding a round."""
 
-import contextlib
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, STARTUP_S
+from tests.conftest import ROOT, STARTUP_S, copy_repo, free_port, repo_env, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _env(repo: Path) -> dict:
-    return os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
 
 
 def _set(repo: Path, **iterative) -> None:
@@ -32,40 +24,6 @@ def _set(repo: Path, **iterative) -> None:
     params["dpo"]["defaults"] |= iterative.pop("dpo_defaults", {})
     params["iterative"] |= iterative
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, workdir) -> Path:
-    """A git + DVC repo on the tiny profile holding what rounds read: data/prepare, models/base, models/sft."""
-    from stages import prepare, sft
-
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("stages", "posttrain", "profiles", "flows"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
-    _own_store(repo)
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=_env(repo))
-    with contextlib.chdir(repo):  # relative paths, as dvc.yaml passes them (chain.json records them)
-        prepare.main(["--out", "data/prepare"])
-        shutil.copytree(workdir / "models" / "base", "models/base")  # the session's tiny base model
-        sft.main(["--model", "models/base", "--data", "data/prepare/sft.jsonl", "--out", "models/sft"])
-    return repo
-
-
-def _own_store(repo: Path) -> None:
-    """An absolute MLflow URI: several repos share this test process, where a relative one would follow the cwd."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["common"]["mlflow_uri"] = f"sqlite:///{repo / 'mlflow.db'}"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-def _copy(pipeline: Path, dst: Path) -> Path:
-    shutil.copytree(pipeline, dst, symlinks=True, ignore=shutil.ignore_patterns("rounds", "mlflow.db", "mlruns"))
-    _own_store(dst)
-    return dst
 
 
 def _prompts(path: Path) -> set[str]:
@@ -99,13 +57,13 @@ def _stage_runs(repo: Path):
     return runs[runs["tags.stage"].notna()]
 
 
-def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
+def test_rounds_promote_rerun_and_resume(rounds_repo, tmp_path, capsys):
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     from flows import iterative as it
 
-    repo = _copy(pipeline, tmp_path / "repo")
+    repo = copy_repo(rounds_repo, tmp_path / "repo")
     with prefect_test_harness(server_startup_timeout=STARTUP_S):
         # round 1 promotes whatever it trains (min_gain -1); round 2 (a TGDPO variant) can never be promoted
         _set(repo, promote={"level": 0.95, "min_gain": -1.0})
@@ -158,7 +116,7 @@ def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
 
         # round 3, SIGKILLed in DPO training after a checkpoint, then resumed
         _set(repo, variant="dpo", dpo_defaults={"epochs": 4.0, "save_steps": 1})
-        env = _env(ROOT) | {"PREFECT_API_URL": PREFECT_API_URL.value()}
+        env = repo_env(ROOT) | {"PREFECT_API_URL": PREFECT_API_URL.value()}
         proc = subprocess.Popen([sys.executable, "-m", "flows.iterative", "--repo", str(repo)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ckpt, deadline = repo / "rounds/round_3/model.ckpt", time.time() + 300
@@ -187,22 +145,6 @@ def test_rounds_promote_rerun_and_resume(pipeline, tmp_path, capsys):
     assert md.count("\n| ") == 4  # header + one row per round
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(check, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with contextlib.suppress(Exception):
-            if result := check():
-                return result
-        time.sleep(1)
-    raise TimeoutError(what)
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -213,14 +155,14 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def test_serve_deployment_adds_a_round(pipeline, tmp_path):
+def test_serve_deployment_adds_a_round(rounds_repo, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    repo = _copy(pipeline, tmp_path / "repo")
-    api = f"http://127.0.0.1:{_free_port()}/api"
-    env = _env(repo) | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+    repo = copy_repo(rounds_repo, tmp_path / "repo")
+    api = f"http://127.0.0.1:{free_port()}/api"
+    env = repo_env(repo) | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -229,12 +171,12 @@ def test_serve_deployment_adds_a_round(pipeline, tmp_path):
                               stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
     served = None
     try:
-        _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, 180, "prefect server start")
+        wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, 180, "prefect server start")
         served = subprocess.Popen([sys.executable, "-m", "flows.iterative", "serve", "--interval", "3600"], cwd=repo,
                                   env=env, stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT)
         with temporary_settings({PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:
-                deployment = _wait(lambda: client.read_deployment_by_name("iterative/iterative-dpo"), 120,
+                deployment = wait_for(lambda: client.read_deployment_by_name("iterative/iterative-dpo"), 120,
                                    "the served deployment")
             assert [s.schedule.interval for s in deployment.schedules] == [timedelta(seconds=3600)]
             assert deployment.parameters == {"repo_dir": str(repo), "params": "params.yaml", "rounds": 1}

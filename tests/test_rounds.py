@@ -97,7 +97,7 @@ def test_a_step_dpo_round_caches_and_trains_on_its_step_pairs(repo, workdir):
     not the 3 response ones. With label.step_pairs off the round is refused before it samples."""
     import importlib
 
-    from tests.test_step_dpo import RESPONSE_PAIRS, STEP_PAIRS
+    from tests.conftest import RESPONSE_PAIRS, STEP_PAIRS
 
     spec = _step_spec(workdir)
     io.write_text(rounds.spec_path(1), yaml.safe_dump(spec))

@@ -8,16 +8,8 @@ from safetensors.torch import load_file
 
 from posttrain import config, io, preference
 from stages import dpo, reference
-from tests.conftest import tiny_params
+from tests.conftest import RESPONSE_PAIRS, STEP_PAIRS, tiny_params
 
-PROMPT = [{"role": "user", "content": "Work it out step by step, then end with 'Answer: N'. What is 12 + 30 - 5?"}]
-RESPONSE_PAIRS = [{"id": f"r{i}", "prompt": PROMPT, "chosen": "12 + 30 = 42\n42 - 5 = 37\nAnswer: 37",
-                   "rejected": f"12 + 30 = {40 + i}\nAnswer: {35 + i}"} for i in range(3)]
-STEP_PAIRS = [  # the correct steps before the first wrong one end the prompt as an open assistant turn
-    {"id": f"s{i}.step1.0", "prompt": PROMPT + [{"role": "assistant", "content": "12 + 30 = 42\n"}],
-     "chosen": "42 - 5 = 37\nAnswer: 37", "rejected": f"42 - 5 = {30 + i}\nAnswer: {30 + i}"} for i in range(4)
-] + [{"id": "s4.step0.1", "prompt": PROMPT, "chosen": "12 + 30 = 42\n42 - 5 = 37\nAnswer: 37",
-      "rejected": "12 + 30 = 52\n52 - 5 = 47\nAnswer: 47"}]  # wrong at step 0: no prefix
 ROWS = {"dpo": {"loss": "dpo", "guidance": "data/reference"},
         "step_dpo": {"loss": "dpo", "guidance": "data/reference", "pairs": "step"}}
 

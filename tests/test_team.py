@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, STARTUP_S
-from tests.test_iterative import _copy, _env, _free_port, _wait, pipeline  # noqa: F401 (a fixture)
+from tests.conftest import ROOT, STARTUP_S, copy_repo, free_port, repo_env, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -65,7 +64,7 @@ def mlflow_server(tmp_path_factory):
     pg = Path(tempfile.mkdtemp(prefix="posttrain-pg-"))
     pg.chmod(0o755)
     pg_env = os.environ | {"PGUSER": "posttrain", "PGPASSWORD": secrets.token_hex(16)}
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "start", str(pg), str(_free_port())],
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "start", str(pg), str(free_port())],
                           env=pg_env, capture_output=True, text=True, timeout=900)
     if proc.returncode == 3:
         shutil.rmtree(pg, ignore_errors=True)
@@ -73,13 +72,13 @@ def mlflow_server(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     backend = proc.stdout.strip().splitlines()[-1]
     tmp = tmp_path_factory.mktemp("mlflow_server")
-    artifacts, log, port = tmp / "artifacts", tmp / "server.log", _free_port()
+    artifacts, log, port = tmp / "artifacts", tmp / "server.log", free_port()
     # the password reaches the server only through the environment (libpq reads PGPASSWORD); GenAI job runners off
     server = _start([str(BIN / "mlflow"), "server", "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
                      "--port", str(port), "--workers", "1"], tmp, pg_env | {
                          "MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log)
     try:
-        _wait(lambda: _healthy(f"http://127.0.0.1:{port}/health"), 180, "mlflow server start")
+        wait_for(lambda: _healthy(f"http://127.0.0.1:{port}/health"), 180, "mlflow server start")
         yield f"http://127.0.0.1:{port}", artifacts, pg_env | {"PGPORT": backend.split(":")[-1].split("/")[0]}, log
     finally:
         _stop(server)
@@ -91,19 +90,19 @@ def mlflow_server(tmp_path_factory):
 def prefect_api(tmp_path_factory):
     """A Prefect server on a free loopback port (its own PREFECT_HOME); yields (API URL, env for its clients)."""
     tmp = tmp_path_factory.mktemp("prefect")
-    api = f"http://127.0.0.1:{_free_port()}/api"
+    api = f"http://127.0.0.1:{free_port()}/api"
     env = {"PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                      "--port", api.split(":")[2].split("/")[0], "--no-ui"], tmp, os.environ | env, tmp / "server.log")
     try:
-        _wait(lambda: _healthy(f"{api}/health"), STARTUP_S, "prefect server start")
+        wait_for(lambda: _healthy(f"{api}/health"), STARTUP_S, "prefect server start")
         yield api, env
     finally:
         _stop(server)
 
 
 @pytest.mark.postgres
-def test_round_tracked_by_mlflow_server_on_postgres(pipeline, mlflow_server, prefect_api, tmp_path):  # noqa: F811
+def test_round_tracked_by_mlflow_server_on_postgres(rounds_repo, mlflow_server, prefect_api, tmp_path):
     """One iterative round (generate, label, reference, dpo, evaluate x2, promote) against the server: its runs,
     params, metrics, the logged adapter and the registry alias read back through the client; rows in PostgreSQL."""
     import mlflow
@@ -114,7 +113,7 @@ def test_round_tracked_by_mlflow_server_on_postgres(pipeline, mlflow_server, pre
     from flows import iterative as it
 
     uri, artifacts, pg_env, server_log = mlflow_server
-    repo = _copy(pipeline, tmp_path / "repo")
+    repo = copy_repo(rounds_repo, tmp_path / "repo")
     _set_params(repo, common={"mlflow_uri": uri}, iterative={"promote": {"level": 0.95, "min_gain": -1.0}})
     with temporary_settings({PREFECT_API_URL: prefect_api[0]}):
         (decision,) = it.iterative(repo_dir=str(repo))
@@ -167,7 +166,7 @@ def test_round_tracked_by_mlflow_server_on_postgres(pipeline, mlflow_server, pre
     assert pg_env["PGPASSWORD"] not in server_log.read_text()
 
 
-def test_work_pool_worker_runs_one_round_at_a_time(pipeline, prefect_api, tmp_path):  # noqa: F811
+def test_work_pool_worker_runs_one_round_at_a_time(rounds_repo, prefect_api, tmp_path):
     """Deploy to a process work pool with a schedule and concurrency limit 1; a worker started separately runs the
     first of two runs triggered together while the second waits for the slot; then the second is cancelled."""
     from prefect.client.orchestration import get_client
@@ -175,10 +174,10 @@ def test_work_pool_worker_runs_one_round_at_a_time(pipeline, prefect_api, tmp_pa
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelled, Cancelling
 
-    repo = _copy(pipeline, tmp_path / "repo")
+    repo = copy_repo(rounds_repo, tmp_path / "repo")
     api, prefect_env = prefect_api
     # the worker polls every 2 s (default 10) to keep the test short
-    env = _env(repo) | prefect_env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env = repo_env(repo) | prefect_env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}
     logs = tmp_path / "logs"
     logs.mkdir()
     remote = tmp_path / "dvc-remote"
@@ -221,7 +220,7 @@ def test_work_pool_worker_runs_one_round_at_a_time(pipeline, prefect_api, tmp_pa
             # a run the worker already started is killed by it on Cancelling; one still waiting is just Cancelled
             running = client.read_flow_run(second).state.is_running()
             client.set_flow_run_state(second, Cancelling() if running else Cancelled(), force=True)
-            _wait(lambda: client.read_flow_run(second).state.is_final(), 60, "the second run cancelled")
+            wait_for(lambda: client.read_flow_run(second).state.is_final(), 60, "the second run cancelled")
             assert client.read_flow_run(first).work_pool_name == POOL
     finally:
         _stop(worker)
