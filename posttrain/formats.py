@@ -6,7 +6,8 @@
     name = formats.detect(rows, "data/my_prefs.jsonl")    # or name one of FORMATS yourself
     converted, dropped = formats.convert(rows, name, "data/my_prefs.jsonl")
 
-`FORMATS` (the one list of names) maps each format to its kind and its converter; every converter turns one raw
+`FORMATS` (the one list of names) maps each format to its kind, its matcher (`detect` takes the first format whose
+matcher accepts the first row) and its converter; every converter turns one raw
 row into one internal row of its kind (`posttrain.io.SCHEMAS`), or raises `Bad` (a malformed row: the stage stops,
 naming file, row and field) or `Drop` (a legal but useless row: dropped and counted under a stated reason):
 - kind `prefs` (`prompt` messages, `chosen`, `rejected` strings, `chosen_score`, `rejected_score` or null):
@@ -128,27 +129,15 @@ def read(source: str, subset: str = "", split: str = "train") -> list[dict]:
 
 
 def detect(rows: list[dict], source: str) -> str:
-    """The format of `rows`, from the first row's columns (and whether `chosen` is text or a conversation)."""
+    """The format of `rows`: the first row of FORMATS whose `matches` accepts the first row's columns."""
     first = rows[0]
     if not isinstance(first, dict):
         raise io.InputError(f"{source}: row 1: expected an object with named fields, got {type(first).__name__}")
-    cols = set(first)
-    if {"chosen", "rejected"} <= cols:
-        if isinstance(first["chosen"], list):
-            implicit = first["chosen"] and isinstance(first["chosen"][0], dict) and \
-                first["chosen"][0].get("role") != "assistant"
-            return "preference_implicit" if implicit or "prompt" not in cols else "preference_conversational"
-        if "prompt" not in cols and isinstance(first["chosen"], str) and HUMAN in first["chosen"]:
-            return "preference_implicit"  # Anthropic's HH-RLHF as published: transcripts in one string
-        return "preference"
-    if "messages" in cols:
-        return "messages"
-    if {"prompt", "completion"} <= cols:
-        return "prompt_completion"
-    if "prompt" in cols:
-        return "prompt_only"
-    raise io.InputError(f"{source}: row 1: no known format in columns {sorted(cols)}: expected one of "
-                        f"{ {n: f.columns for n, f in FORMATS.items()} }")
+    name = next((n for n, f in FORMATS.items() if f.matches(first)), None)
+    if name is None:
+        raise io.InputError(f"{source}: row 1: no known format in columns {sorted(first)}: expected one of "
+                            f"{ {n: f.columns for n, f in FORMATS.items()} }")
+    return name
 
 
 # --- field checks ---------------------------------------------------------------------------------------------
@@ -287,16 +276,32 @@ class Format(NamedTuple):
     kind: str
     """The internal schema its rows become: prefs, sft or prompts."""
     columns: tuple[str, ...]
+    """The columns it reads (named in errors)."""
+    matches: Callable[[dict], bool]
+    """Whether a first row is of this format; `detect` takes the first row of FORMATS that matches."""
     convert: Callable[[dict], dict]
 
 
-FORMATS: dict[str, Format] = {
-    "preference": Format("prefs", ("prompt", "chosen", "rejected"), preference),
-    "preference_conversational": Format("prefs", ("prompt", "chosen", "rejected"), preference_conversational),
-    "preference_implicit": Format("prefs", ("chosen", "rejected"), preference_implicit),
-    "messages": Format("sft", ("messages",), messages),
-    "prompt_completion": Format("sft", ("prompt", "completion"), prompt_completion),
-    "prompt_only": Format("prompts", ("prompt",), prompt_only),
+def _is_implicit(row: dict) -> bool:
+    """Whole conversations (or HH-RLHF transcript strings) under chosen/rejected, the prompt inside them."""
+    c = row["chosen"]
+    if isinstance(c, list):  # with no prompt column, or opening with the user's turn rather than the answer
+        return "prompt" not in row or bool(c) and isinstance(c[0], dict) and c[0].get("role") != "assistant"
+    return "prompt" not in row and isinstance(c, str) and HUMAN in c
+
+
+FORMATS: dict[str, Format] = {  # in detection order: the more specific shape first
+    "preference_implicit": Format("prefs", ("chosen", "rejected"),
+                                  lambda r: {"chosen", "rejected"} <= set(r) and _is_implicit(r), preference_implicit),
+    "preference_conversational": Format("prefs", ("prompt", "chosen", "rejected"),
+                                        lambda r: {"prompt", "chosen", "rejected"} <= set(r)
+                                        and isinstance(r["chosen"], list), preference_conversational),
+    "preference": Format("prefs", ("prompt", "chosen", "rejected"), lambda r: {"chosen", "rejected"} <= set(r),
+                         preference),
+    "messages": Format("sft", ("messages",), lambda r: "messages" in r, messages),
+    "prompt_completion": Format("sft", ("prompt", "completion"), lambda r: {"prompt", "completion"} <= set(r),
+                                prompt_completion),
+    "prompt_only": Format("prompts", ("prompt",), lambda r: "prompt" in r, prompt_only),
 }
 
 
