@@ -16,7 +16,7 @@ import json
 import random
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from posttrain import reasoning_gym, worked
 from posttrain.worked import PLANS, StepScore, step_share, steps  # noqa: F401 (the task suite's API)
@@ -91,27 +91,6 @@ def _score_include(spec: dict, response: str) -> float:
     if not words:
         return 0.0
     return 1.0 if spec["keyword"].lower() in words else 0.2
-
-
-VERIFIERS: dict[str, Callable[[dict, str], float]] = {
-    "number": _score_number,
-    "chain_add": worked.score,
-    "mul_steps": worked.score,
-    "uppercase": _score_uppercase,
-    "word_count": _score_word_count,
-    "json_keys": _score_json_keys,
-    "list_n": _score_list_n,
-    "include": _score_include,
-    reasoning_gym.TYPE: reasoning_gym.score,
-}
-
-
-def score(spec: dict, response: str) -> float:
-    """Gold score of `response` under a verifier `spec`, in [0, 1]."""
-    kind = spec.get("type")
-    if kind not in VERIFIERS:
-        raise ValueError(f"unknown verifier type {kind!r}; known: {sorted(VERIFIERS)}")
-    return float(VERIFIERS[kind](spec, response))
 
 
 # --- tasks: rng -> (prompt text, verifier spec) ---------------------------------------------------------------
@@ -216,13 +195,12 @@ def draw(rng: random.Random, task_mix: dict[str, float], n: int, seen: set[str])
     return rows
 
 
-def near_miss(spec: dict, rng: random.Random, step: int | None = None) -> str | None:
-    """A plausible wrong answer for number and worked tasks (None for the others). A worked one has one slipped
-    step (`step`, default a random one; the `Answer:` line is step len(plan)) whose error propagates."""
-    if spec["type"] == "number":
-        return str(spec["answer"] + rng.choice(NEAR_MISS_DELTAS))
-    if spec["type"] not in PLANS:
-        return None
+def _near_miss_number(spec: dict, rng: random.Random, step: int | None) -> str:
+    return str(spec["answer"] + rng.choice(NEAR_MISS_DELTAS))
+
+
+def _near_miss_worked(spec: dict, rng: random.Random, step: int | None) -> str:
+    """One slipped step (`step`, default a random one; the `Answer:` line is step len(plan)); its error propagates."""
     n = len(worked.plan_of(spec))
     step = rng.randint(0, n) if step is None else step
     if not 0 <= step <= n:
@@ -230,27 +208,60 @@ def near_miss(spec: dict, rng: random.Random, step: int | None = None) -> str | 
     return worked.render(spec, step, rng.choice(NEAR_MISS_DELTAS))
 
 
-# --- the solver: spec -> a response scoring 1.0 ---------------------------------------------------------------
+# --- the solvers: spec -> a response scoring 1.0 (`rng` varies the wording where the task leaves freedom) -------
+
+
+def _solve_word_count(spec: dict, rng: random.Random) -> str:
+    head = ["I", "love"] + spec["topic"].split()
+    return " ".join((head + rng.sample(FILLER, len(FILLER)))[: spec["n"]]).capitalize() + "."
+
+
+class Verifier(NamedTuple):
+    """One verifier type: all that is known about its answers."""
+
+    score: Callable[[dict, str], float]
+    """(spec, response) -> gold score in [0, 1]."""
+    solve: Callable[[dict, random.Random], str]
+    """(spec, rng) -> a response scoring 1.0 (prepare's SFT demos and chosen answers)."""
+    near_miss: Callable[[dict, random.Random, int | None], str] | None = None
+    """(spec, rng, step) -> a plausible wrong answer (prepare's rejected answers); None: the type has none."""
+
+
+VERIFIERS: dict[str, Verifier] = {
+    "number": Verifier(_score_number, lambda s, rng: str(s["answer"]), _near_miss_number),
+    "chain_add": Verifier(worked.score, lambda s, rng: worked.render(s), _near_miss_worked),
+    "mul_steps": Verifier(worked.score, lambda s, rng: worked.render(s), _near_miss_worked),
+    "uppercase": Verifier(_score_uppercase, lambda s, rng: s["word"].upper()),
+    "word_count": Verifier(_score_word_count, _solve_word_count),
+    "json_keys": Verifier(_score_json_keys, lambda s, rng: json.dumps({k: rng.randint(1, 9) for k in s["keys"]})),
+    "list_n": Verifier(_score_list_n, lambda s, rng: "\n".join(
+        f"- {item}" for item in rng.sample(CATEGORIES[s["category"]], s["n"]))),
+    "include": Verifier(_score_include, lambda s, rng: f"I think about {s['topic']} when I see a {s['keyword']}."),
+    reasoning_gym.TYPE: Verifier(reasoning_gym.score, lambda s, rng: reasoning_gym.solve(s)),
+}
+"""Verifier type (a spec's `type`) -> its row. A new type is its functions and one row; tests/test_tasks.py needs a
+hand-checked case for its score."""
+
+
+def _row(spec: dict) -> Verifier:
+    kind = spec.get("type")
+    if kind not in VERIFIERS:
+        raise ValueError(f"unknown verifier type {kind!r}; known: {sorted(VERIFIERS)}")
+    return VERIFIERS[kind]
+
+
+def score(spec: dict, response: str) -> float:
+    """Gold score of `response` under a verifier `spec`, in [0, 1]."""
+    return float(_row(spec).score(spec, response))
 
 
 def solve(spec: dict, rng: random.Random | None = None) -> str:
     """A correct response for `spec`; `rng` varies the wording where the task leaves freedom."""
-    rng = rng or random.Random(0)
-    kind = spec["type"]
-    if kind == "number":
-        return str(spec["answer"])
-    if kind in PLANS:
-        return worked.render(spec)
-    if kind == "uppercase":
-        return spec["word"].upper()
-    if kind == "word_count":
-        head = ["I", "love"] + spec["topic"].split()
-        words = (head + rng.sample(FILLER, len(FILLER)))[: spec["n"]]
-        return " ".join(words).capitalize() + "."
-    if kind == "json_keys":
-        return json.dumps({k: rng.randint(1, 9) for k in spec["keys"]})
-    if kind == "list_n":
-        return "\n".join(f"- {item}" for item in rng.sample(CATEGORIES[spec["category"]], spec["n"]))
-    if kind == "include":
-        return f"I think about {spec['topic']} when I see a {spec['keyword']}."
-    raise ValueError(f"unknown verifier type {kind!r}; known: {sorted(VERIFIERS)}")
+    return _row(spec).solve(spec, rng or random.Random(0))
+
+
+def near_miss(spec: dict, rng: random.Random, step: int | None = None) -> str | None:
+    """A plausible wrong answer for number and worked tasks (None for the others). A worked one has one slipped
+    step (`step`, default a random one; the `Answer:` line is step len(plan)) whose error propagates."""
+    miss = _row(spec).near_miss
+    return None if miss is None else miss(spec, rng, step)

@@ -185,7 +185,7 @@ def from_reasoning_gym(params: PrepareParams, seed: int) -> tuple[list[dict], li
         row["id"] = f"{row['task']}-{i:05d}"
     eval_rows, train, rest = _split(rows, params, "entries")
     sft = [{"id": r["id"], "messages": r["messages"] + [{"role": "assistant",
-                                                           "content": reasoning_gym.solve(r["verifier"])}],
+                                                           "content": tasks.solve(r["verifier"])}],
             "verifier": r["verifier"]} for r in rest[: params.n_sft]]
     left = rest[params.n_sft :]
     rm, used = [], 0

@@ -56,6 +56,18 @@ def test_every_verifier_has_a_hand_checked_case():
     assert {spec["type"] for spec, _, _ in CASES} == set(tasks.VERIFIERS)
 
 
+def test_every_verifier_row_solves_its_own_spec_and_misses_only_where_it_says():
+    rng = random.Random(1)
+    specs = {s["type"]: s for s in [tasks.make_prompt(t, rng)["verifier"] for t in tasks.TASKS] + [
+        spec for spec, _, _ in CASES if spec["type"] == "reasoning_gym"]}  # reasoning-gym's solver is in its row now
+    assert set(specs) == set(tasks.VERIFIERS)
+    for spec in specs.values():
+        assert tasks.score(spec, tasks.solve(spec, rng)) == 1.0, spec["type"]
+        miss = tasks.near_miss(spec, rng)
+        assert (miss is None) == (tasks.VERIFIERS[spec["type"]].near_miss is None), spec["type"]
+        assert miss is None or tasks.score(spec, miss) < 1.0, spec["type"]
+
+
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_solver_scores_full_marks(task):
     rng = random.Random(1)
