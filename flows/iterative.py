@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import importlib
-import json
 import os
 import shutil
 import subprocess
@@ -41,6 +41,7 @@ from flows import compare
 from flows.rounds import (
     ROUNDS,
     SELECTION,
+    Decision,
     IterativeParams,
     Step,
     decide,
@@ -129,15 +130,15 @@ def _tracking(data: dict, repo: Path, where: str):
     return client, exp_id, uri, common.mlflow_experiment
 
 
-def register(client, name: str, decision: dict, run_id: str) -> tuple[str, str]:
+def register(client, name: str, decision: Decision, run_id: str) -> tuple[str, str]:
     """Register the candidate (and the champion it faced); point `champion` at the champion after the round."""
-    k = decision["round"]
-    before = tracking.model_version(client, name, decision["champion_before"], None,
+    k = decision.round
+    before = tracking.model_version(client, name, decision.champion_before, None,
                                     {"round": "initial"} if k == 1 else {}, via_run=run_id)
-    cand = tracking.model_version(client, name, decision["candidate"], run_id, {
-        "round": k, "promoted": decision["promoted"], "pass_rate": round(decision["candidate_pass_rate"], 4)},
+    cand = tracking.model_version(client, name, decision.candidate, run_id, {
+        "round": k, "promoted": decision.promoted, "pass_rate": round(decision.candidate_pass_rate, 4)},
         via_run=run_id)
-    champion = cand if decision["promoted"] else before
+    champion = cand if decision.promoted else before
     client.set_registered_model_alias(name, ALIAS, champion)
     return cand, champion
 
@@ -170,7 +171,7 @@ def run_round(k: int, data: dict, where: str, repo: Path, client, exp_id: str, p
         if not Path(f"{d}.dvc").exists():
             dvc_add(repo, d)
         log.info("round %d is finished (%s): nothing to do", k, decision_path(k))
-        return json.loads(decision_path(k).read_text()) | {"ran": []}
+        return dataclasses.asdict(Decision.read(decision_path(k))) | {"ran": []}
     if spec_path(k).exists():
         spec = config.read_yaml(spec_path(k))
         log.info("round %d: resuming with %s", k, spec_path(k))
@@ -192,17 +193,12 @@ def run_round(k: int, data: dict, where: str, repo: Path, client, exp_id: str, p
         ran = [s.name for s in plan(spec) if stage_task(k, s, rid, own_process) == "ran"]
         decision = decide(spec)
         name = config.parse(IterativeParams, spec.get("iterative"), str(spec_path(k))).registered_model
-        decision["model_version"], decision["champion_version"] = register(client, name, decision, rid)
-        for key in ("candidate_pass_rate", "champion_pass_rate", "gain", "n_select"):
-            client.log_metric(rid, key, decision[key])
-        for key in ("candidate_pass_rate_ci", "champion_pass_rate_ci", "gain_ci"):
-            client.log_metric(rid, key.replace("_ci", "_lo"), decision[key][0])
-            client.log_metric(rid, key.replace("_ci", "_hi"), decision[key][1])
-        client.log_metric(rid, "pairs", decision["pairs"])
-        client.log_metric(rid, "promoted", float(decision["promoted"]))  # last: `compare` reads runs that have it
-        client.set_tag(rid, "model_version", decision["model_version"])
+        decision.model_version, decision.champion_version = register(client, name, decision, rid)
+        for key, value in decision.metrics().items():  # `promoted` last: `compare` reads runs that have it
+            client.log_metric(rid, key, value)
+        client.set_tag(rid, "model_version", decision.model_version)
         client.log_artifact(rid, str(spec_path(k)))
-        io.write_json(decision_path(k), decision)  # the round is finished once this file exists
+        decision.write(decision_path(k))  # the round is finished once this file exists
         client.log_artifact(rid, str(decision_path(k)))
         _clean(d)
         dvc_add(repo, d)
@@ -211,9 +207,9 @@ def run_round(k: int, data: dict, where: str, repo: Path, client, exp_id: str, p
         raise
     client.set_terminated(rid, "FINISHED")
     log.info("round %d: candidate %.3f vs champion %.3f, gain %.3f [%.3f, %.3f]: %s", k,
-             decision["candidate_pass_rate"], decision["champion_pass_rate"], decision["gain"], *decision["gain_ci"],
-             "promoted" if decision["promoted"] else "not promoted")
-    return decision | {"ran": ran}
+             decision.candidate_pass_rate, decision.champion_pass_rate, decision.gain, *decision.gain_ci,
+             "promoted" if decision.promoted else "not promoted")
+    return dataclasses.asdict(decision) | {"ran": ran}
 
 
 def _yaml(obj: dict) -> str:

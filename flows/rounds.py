@@ -103,6 +103,55 @@ class Round:
 
 
 @dataclass
+class Decision:
+    """`rounds/round_<k>/decision.json`: what round k decided and the figures it decided on; written once (`write`)
+    when the round finishes, read back (`read`) by the next round and a re-run."""
+
+    round: int
+    candidate: str
+    """The round's trained model."""
+    champion_before: str
+    candidate_pass_rate: float
+    """On the eval split (reported; promotion never reads it), as are the champion's."""
+    candidate_pass_rate_ci: list[float]
+    champion_pass_rate: float
+    champion_pass_rate_ci: list[float]
+    n_eval: int
+    gain: float
+    """Mean per-prompt pass gain (candidate - champion) on the selection split: what promotion decides on."""
+    gain_ci: list[float]
+    n_select: int
+    rule: str
+    promoted: bool
+    champion: str
+    """The champion after the round (the candidate if promoted), with its evaluate folders on both splits."""
+    champion_eval: str
+    champion_select: str
+    pairs: int = 0
+    """Response-level pairs the round trained on (label's count)."""
+    step_pairs: int | None = None
+    """Step-level pairs label wrote (label.step_pairs), else None."""
+    model_version: str | None = None
+    """The candidate's version of the registered model, and the champion's after the round (flows/iterative.py)."""
+    champion_version: str | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> Decision:
+        return config.parse(cls, json.loads(Path(path).read_text()), str(path))
+
+    def write(self, path: str | Path) -> None:
+        io.write_json(path, dataclasses.asdict(self))
+
+    def metrics(self) -> dict[str, float]:
+        """What the round's MLflow run logs: the figures, each interval as _lo/_hi, `promoted` as 0/1."""
+        out = {k: float(getattr(self, k)) for k in ("candidate_pass_rate", "champion_pass_rate", "gain", "n_select",
+                                                   "pairs")}
+        for key in ("candidate_pass_rate_ci", "champion_pass_rate_ci", "gain_ci"):
+            out[key.replace("_ci", "_lo")], out[key.replace("_ci", "_hi")] = getattr(self, key)
+        return out | {"promoted": float(self.promoted)}
+
+
+@dataclass
 class Step:
     name: str
     module: str
@@ -184,8 +233,8 @@ def new_spec(k: int, data: dict, where: str) -> dict:
     else:
         if not decision_path(k - 1).exists():
             raise RuntimeError(f"round {k - 1} is not finished ({decision_path(k - 1)} is missing): run it first")
-        prev = json.loads(decision_path(k - 1).read_text())
-        champion, champion_eval, champion_select = prev["champion"], prev["champion_eval"], prev["champion_select"]
+        prev = Decision.read(decision_path(k - 1))
+        champion, champion_eval, champion_select = prev.champion, prev.champion_eval, prev.champion_select
     spec = copy.deepcopy(data)
     seed = common.seed + 1000 * k
     spec["common"]["seed"] = seed
@@ -282,29 +331,28 @@ def _passed(folder: str | Path) -> dict[str, float]:
 
 
 def decision(r: Round, promote: Promote, candidate: dict[str, float], champion: dict[str, float], n_boot: int,
-             reported: dict[str, dict]) -> dict:
+             reported: dict[str, dict]) -> Decision:
     """Promote iff the lower end of the paired bootstrap interval (`promote.level`) of the selection-split pass-rate
     gain (candidate - champion, per prompt id: `candidate`/`champion` map id -> passed) exceeds `promote.min_gain`.
     `reported` carries the eval-split figures ({'candidate': metrics, 'champion': metrics}) into the record."""
     gain, lo, hi = stats.paired_gain(candidate, champion, n_boot, r.seed, promote.level)
     promoted = lo > promote.min_gain
     cand, champ = reported["candidate"], reported["champion"]
-    return {
-        "round": r.k, "candidate": str(r.dir / "model"), "champion_before": r.champion,
-        "candidate_pass_rate": cand["pass_rate"], "candidate_pass_rate_ci": cand["pass_rate_ci"],
-        "champion_pass_rate": champ["pass_rate"], "champion_pass_rate_ci": champ["pass_rate_ci"],
-        "n_eval": cand["n"], "gain": gain, "gain_ci": [lo, hi], "n_select": len(candidate),
-        "rule": f"promote iff the lower end of the {promote.level:.0%} paired bootstrap interval of pass rate "
-                f"(candidate - champion) over the {len(candidate)} selection prompts > {promote.min_gain}; the "
-                f"pass rates reported are on the {cand['n']} eval prompts, which promotion never reads",
-        "promoted": promoted,
-        "champion": str(r.dir / "model") if promoted else r.champion,
-        "champion_eval": str(r.dir / "eval") if promoted else r.champion_eval,
-        "champion_select": str(r.dir / "select") if promoted else r.champion_select,
-    }
+    return Decision(
+        round=r.k, candidate=str(r.dir / "model"), champion_before=r.champion,
+        candidate_pass_rate=cand["pass_rate"], candidate_pass_rate_ci=list(cand["pass_rate_ci"]),
+        champion_pass_rate=champ["pass_rate"], champion_pass_rate_ci=list(champ["pass_rate_ci"]),
+        n_eval=cand["n"], gain=gain, gain_ci=[lo, hi], n_select=len(candidate),
+        rule=f"promote iff the lower end of the {promote.level:.0%} paired bootstrap interval of pass rate "
+             f"(candidate - champion) over the {len(candidate)} selection prompts > {promote.min_gain}; the "
+             f"pass rates reported are on the {cand['n']} eval prompts, which promotion never reads",
+        promoted=promoted,
+        champion=str(r.dir / "model") if promoted else r.champion,
+        champion_eval=str(r.dir / "eval") if promoted else r.champion_eval,
+        champion_select=str(r.dir / "select") if promoted else r.champion_select)
 
 
-def decide(spec: dict) -> dict:
+def decide(spec: dict) -> Decision:
     """`decision` on the round's files: selection answers decide, eval metrics are reported, label counts pairs."""
     from stages.evaluate import EvaluateParams
 
@@ -316,7 +364,7 @@ def decide(spec: dict) -> dict:
                 "champion": json.loads((Path(r.champion_eval) / "metrics.json").read_text())}
     out = decision(r, it.promote, _passed(r.dir / "select"), _passed(r.champion_select), n_boot, reported)
     label = json.loads((r.dir / "label" / "stats.json").read_text())
-    out["pairs"] = label["pairs"]
+    out.pairs = label["pairs"]
     if "step_pairs" in label:  # label.step_pairs: what a `pairs: step` variant trained on
-        out["step_pairs"] = label["step_pairs"]["pairs"]
+        out.step_pairs = label["step_pairs"]["pairs"]
     return out

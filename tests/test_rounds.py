@@ -2,7 +2,6 @@
 prompt drawing, and the promotion rule on hand-built answers, including cases that go either way."""
 
 import contextlib
-import json
 
 import pytest
 import yaml
@@ -52,8 +51,8 @@ def test_round_one_plans_the_champion_evaluations_and_records_its_commands(repo)
 
 def test_later_rounds_start_from_the_last_decision(repo):
     (repo / "rounds" / "round_1").mkdir(parents=True)
-    io.write_json(rounds.decision_path(1), {"champion": "rounds/round_1/model", "champion_eval": "rounds/round_1/eval",
-                                            "champion_select": "rounds/round_1/select"})
+    rounds.decision(rounds.read_round(_spec(1), "x"), rounds.Promote(min_gain=-1.0), {"p": 1.0}, {"p": 0.0}, 10,
+                    REPORTED).write(rounds.decision_path(1))  # round 1 promoted its model
     spec = _spec(2, reference="champion")
     r = rounds.read_round(spec, "x")
     assert (r.champion, r.reference, r.champion_select) == ("rounds/round_1/model", "rounds/round_1/model",
@@ -159,10 +158,10 @@ def test_a_clear_gain_is_promoted():
     # the candidate passes 10 prompts the champion fails and ties on 10: per-prompt gains +1 x 10, 0 x 10, mean 0.5;
     # a resample's mean is Binomial(20, 1/2) / 20, whose 2.5% quantile is 0.3: far above 0
     d = rounds.decision(ROUND, rounds.Promote(), _answers([1] * 20), _answers([0] * 10 + [1] * 10), 1000, REPORTED)
-    assert d["gain"] == 0.5 and 0.25 < d["gain_ci"][0] < 0.5
-    assert d["promoted"] and d["champion"] == "rounds/round_2/model"
-    assert d["champion_select"] == "rounds/round_2/select"
-    assert d["candidate_pass_rate"] == 0.6 and d["n_select"] == 20  # reported on eval, decided on selection
+    assert d.gain == 0.5 and 0.25 < d.gain_ci[0] < 0.5
+    assert d.promoted and d.champion == "rounds/round_2/model"
+    assert d.champion_select == "rounds/round_2/select"
+    assert d.candidate_pass_rate == 0.6 and d.n_select == 20  # reported on eval, decided on selection
 
 
 def test_a_gain_inside_the_noise_could_go_either_way():
@@ -175,9 +174,9 @@ def test_a_gain_inside_the_noise_could_go_either_way():
     assert gain == pytest.approx(0.1) and -0.15 < lo < 0 < hi
     keep = rounds.decision(ROUND, rounds.Promote(min_gain=0.0), cand, champ, 1000, REPORTED)
     take = rounds.decision(ROUND, rounds.Promote(min_gain=-0.15), cand, champ, 1000, REPORTED)
-    assert not keep["promoted"] and keep["champion"] == ROUND.champion
-    assert keep["champion_select"] == ROUND.champion_select
-    assert take["promoted"] and take["gain_ci"] == keep["gain_ci"]
+    assert not keep.promoted and keep.champion == ROUND.champion
+    assert keep.champion_select == ROUND.champion_select
+    assert take.promoted and take.gain_ci == keep.gain_ci
 
 
 def test_a_decision_needs_the_same_prompts():
@@ -196,5 +195,10 @@ def test_decide_reads_the_round_files(repo):
                                                  "n": len(passed)})
     io.write_json(r.dir / "label" / "stats.json", {"pairs": 5})
     d = rounds.decide(spec)
-    assert d["promoted"] and d["gain"] == 1.0 and d["pairs"] == 5 and d["n_eval"] == 2 and d["n_select"] == 4
-    assert json.loads(json.dumps(d)) == d  # what run_round writes to decision.json
+    assert d.promoted and d.gain == 1.0 and d.pairs == 5 and d.n_eval == 2 and d.n_select == 4
+    d.write(tmp := r.dir / "decision.json")
+    assert rounds.Decision.read(tmp) == d  # what run_round writes to decision.json, read back whole
+    assert d.metrics() == {"candidate_pass_rate": 0.5, "champion_pass_rate": 0.0, "gain": 1.0, "n_select": 4.0,
+                           "pairs": 5.0, "candidate_pass_rate_lo": 0, "candidate_pass_rate_hi": 1,
+                           "champion_pass_rate_lo": 0, "champion_pass_rate_hi": 1, "gain_lo": 1.0, "gain_hi": 1.0,
+                           "promoted": 1.0}
