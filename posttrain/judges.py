@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -55,6 +55,9 @@ class LlmJudgeParams:
     max_answer_chars: int = 2000
     """Each answer is cut to this many characters before it goes into the prompt (and the cut is marked)."""
     batch_size: int = 8
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """Who reads the verdict probabilities: HF (a forward pass per batch) or vLLM (the log-prob of each verdict
+    letter as a one-token continuation, prefix-cached); 'auto' as `generate.backend` (posttrain.sampling)."""
 
     def __post_init__(self) -> None:
         missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in self.template]
@@ -165,6 +168,9 @@ class LlmJudge:
         if any(len(i) != 1 for i in ids):
             raise ValueError(f"judge tokenizer: the verdicts {VERDICTS} must be one token each, got {ids}")
         self.verdict_ids = [i[0] for i in ids]
+        from posttrain import sampling
+
+        self.backend = sampling.backend_for(llm.backend, device)
 
     def _clip(self, text: str) -> str:
         n = self.params.max_answer_chars
@@ -177,8 +183,30 @@ class LlmJudge:
                                               answer_b=self._clip(b))
         return modeling.render_prompt(self.tok, [{"role": "user", "content": content}])
 
-    @torch.no_grad()
     def verdicts(self, texts: list[str]) -> torch.Tensor:
+        """(N, 3) probabilities of A, B, C as the judge's first answer token, renormalised over the three."""
+        return self._verdicts_vllm(texts) if self.backend == "vllm" else self._verdicts_hf(texts)
+
+    def _verdicts_vllm(self, texts: list[str]) -> torch.Tensor:
+        """vLLM's log-prob of each verdict letter as the one token after the prompt (`prompt_logprobs` of the prompt
+        plus that letter; the shared prompt is prefix-cached), renormalised over the three as the HF path does."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from posttrain import sampling
+
+        if not texts:
+            return torch.zeros(0, 3)
+        ids = [self.tok(t, add_special_tokens=False).input_ids for t in texts]
+        asks = [TokensPrompt(prompt_token_ids=x + [v]) for x in ids for v in self.verdict_ids]
+        with sampling.vllm_engine(self.model, self.tok, seed=0) as llm:
+            results = llm.generate(asks, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=True)
+        logps = torch.tensor([r.prompt_logprobs[-1][v].logprob for r, v in
+                              zip(results, self.verdict_ids * len(texts), strict=True)]).reshape(len(texts), 3)
+        return logps.softmax(-1)
+
+    @torch.no_grad()
+    def _verdicts_hf(self, texts: list[str]) -> torch.Tensor:
         """(N, 3) probabilities of A, B, C as the judge's first answer token, renormalised over the three. Rows are
         left-padded, so positions come from the mask: a verdict must not depend on its batch-mates' lengths."""
         from posttrain import modeling

@@ -1,13 +1,18 @@
-"""Sampling responses from a policy: HF `generate` (batched, KV cache) on CPU, vLLM on GPU. Same output format.
+"""Sampling responses from a policy: HF `generate` (batched, KV cache) or vLLM (its CUDA build on a GPU, its CPU
+build in `.venv-vllm`). Same output format.
 
 `sample(...)` returns, for each prompt (a list of chat messages), a list of `n` response strings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -17,6 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def backend_for(choice: str, device: torch.device) -> str:
+    """'auto': vLLM on a GPU where it is installed; HF on the CPU, where vLLM's CPU build was slower on 2 cores
+    (MEASURED.md: 72 s + 22 s engine start against HF's 36 s for the main job's sampling)."""
     if choice != "auto":
         return choice
     if device.type == "cuda":
@@ -77,36 +84,69 @@ def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float,
     return out
 
 
+@contextlib.contextmanager
+def vllm_engine(model, tok, seed: int, tensor_parallel_size: int = 1) -> Iterator[Any]:
+    """A vLLM engine on `model` (already merged: vLLM loads a plain checkpoint, not an adapter chain), saved to a
+    temporary folder. On a GPU the model moves to the CPU (in place) so vLLM has the GPU memory, and runs in bf16.
+    On the CPU (vLLM's CPU build, `make setup-vllm`) it runs in fp32 like the HF path, eager (compiling took 97 s
+    to start on 2 cores, MEASURED.md), with a 1 GiB KV cache (`VLLM_CPU_KVCACHE_SPACE`, unless set): the default
+    share of memory is refused there. The engine is freed on exit."""
+    from vllm import LLM
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if cuda:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+            kwargs = {"dtype": "bfloat16", "tensor_parallel_size": tensor_parallel_size}
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            kwargs = {"dtype": "float32", "enforce_eager": True}
+        llm = LLM(model=tmp, tokenizer=tmp, seed=seed, **kwargs)
+        try:
+            yield llm
+        finally:
+            del llm  # frees vLLM's memory for whatever the process does next
+            gc.collect()
+
+
+def per_request_seeds() -> bool:
+    """vLLM's CPU build refuses a seed per request ("CPU Generator does not use offset", MEASURED.md)."""
+    return torch.cuda.is_available()
+
+
 def sample_vllm(model, tok, prompts: list[list[dict]], n: int, temperature: float, max_new_tokens: int,
                 seed: int, tensor_parallel_size: int = 1) -> list[list[str]]:
-    """`sample_hf`'s rows from vLLM, on `tensor_parallel_size` GPUs.
+    """`sample_hf`'s rows from vLLM (`vllm_engine`).
 
-    vLLM loads a plain checkpoint, not an adapter chain: `model` is the policy already merged by
-    `modeling.load_chain`, saved to a temporary folder, then moved to the CPU (in place: the caller's `model` is
-    on the CPU afterwards) so that vLLM has the GPU memory. Each prompt goes in as the token ids `sample_hf` feeds
-    (chat template, no extra BOS: vLLM would add the tokenizer's BOS to a text prompt) and is sampled over the full
-    vocabulary (vLLM's top_p/top_k defaults) with the model's repetition penalty, as HF `generate` applies it,
-    stopping at the tokenizer's EOS. Sample j of prompt i has its own seed, `seed + i * n + j` (vLLM adds the
-    sample index to a request's seed), so a row does not depend on how vLLM batches the requests.
+    Each prompt goes in as the token ids `sample_hf` feeds (chat template, no extra BOS: vLLM would add the
+    tokenizer's BOS to a text prompt) and is sampled over the full vocabulary (vLLM's top_p/top_k defaults) with
+    the model's repetition penalty, as HF `generate` applies it, stopping at the tokenizer's EOS. Greedy decoding
+    (temperature 0) asks for one answer per prompt and repeats it n times, as HF's n greedy rows are the same.
+    On a GPU, sample j of prompt i has its own seed, `seed + i * n + j` (vLLM adds the sample index to a request's
+    seed), so a row does not depend on how vLLM batches the requests. vLLM's CPU build refuses per-request seeds:
+    there only the engine's seed (`seed`) is set, and two runs on the same prompts and seed gave different samples
+    (tests/test_vllm.py, an expected failure on CPU): sampled rows from vLLM on a CPU are not reproducible; logged.
     """
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     ids = [tok(modeling.render_prompt(tok, p), add_special_tokens=False).input_ids for p in prompts]
     penalty = getattr(model.generation_config, "repetition_penalty", None) or 1.0
-    per_prompt = [SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed + i * n,
-                                 repetition_penalty=penalty, stop_token_ids=[tok.eos_token_id],
-                                 skip_special_tokens=True) for i in range(len(prompts))]
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        model.to("cpu")
-        torch.cuda.empty_cache()
-        llm = LLM(model=tmp, tokenizer=tmp, seed=seed, tensor_parallel_size=tensor_parallel_size, dtype="bfloat16")
-        results = llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], per_prompt, use_tqdm=False)
-        del llm  # frees vLLM's GPU memory for whatever the process does next
-        gc.collect()
-    return [[o.text.strip() for o in r.outputs] for r in results]
+    greedy, seeded = temperature == 0, per_request_seeds()
+    if not greedy and not seeded:
+        log.warning("vLLM CPU build: no per-request seeds, and the engine seed (%d) does not make samples "
+                    "reproducible; use generate.backend: hf for a reproducible run", seed)
+    per_prompt = [SamplingParams(n=1 if greedy else n, temperature=temperature, max_tokens=max_new_tokens,
+                                 seed=seed + i * n if seeded and not greedy else None, repetition_penalty=penalty,
+                                 stop_token_ids=[tok.eos_token_id], skip_special_tokens=True)
+                  for i in range(len(prompts))]
+    with vllm_engine(model, tok, seed, tensor_parallel_size) as llm:
+        results = llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], per_prompt, use_tqdm=True)
+    out = [[o.text.strip() for o in r.outputs] for r in results]
+    return [r * n for r in out] if greedy else out
 
 
 def sample(model, tok, prompts: list[list[dict]], *, n: int, temperature: float, max_new_tokens: int,

@@ -138,3 +138,25 @@ STEP_PAIRS = [  # the correct steps before the first wrong one end the prompt as
      "chosen": "42 - 5 = 37\nAnswer: 37", "rejected": f"42 - 5 = {30 + i}\nAnswer: {30 + i}"} for i in range(4)
 ] + [{"id": "s4.step0.1", "prompt": PROMPT, "chosen": "12 + 30 = 42\n42 - 5 = 37\nAnswer: 37",
       "rejected": "12 + 30 = 52\n52 - 5 = 47\nAnswer: 47"}]  # wrong at step 0: no prefix
+
+
+# --- a model vLLM runs (test_vllm, test_gpu) ---------------------------------------------------------------------
+
+def vllm_sized_model(tmp_path: Path) -> Path:
+    """A random 2-layer Llama with head size 64 (vLLM's attention kernels do not take the tiny model's 16), its
+    weights drawn wide (std 0.5) and its head untied, so greedy decoding does not just repeat the prompt's last
+    token (a blank line, stripped to nothing) as a near-uniform tied model does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain import modeling
+
+    _, tok = modeling.build_model("tiny", seed=0)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False, initializer_range=0.5)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"

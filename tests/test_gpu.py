@@ -25,7 +25,7 @@ import yaml
 from bench import machine
 from posttrain import cli, io, modeling, sampling, tasks
 from stages import dpo, generate, label, prepare, reference, sft
-from tests.conftest import ROOT, tiny_params
+from tests.conftest import ROOT, tiny_params, vllm_sized_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -119,24 +119,9 @@ def test_sft_on_two_gpus_through_the_launcher(cuda_run, tmp_path, kind):
                               "wall_s_with_launch": round(seconds, 1)})
 
 
-def _vllm_sized_model(tmp_path):
-    """A random 2-layer Llama with head size 64 (vLLM's attention kernels do not take the tiny model's 16)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _, tok = modeling.build_model("tiny", seed=0)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "m", safe_serialization=True)
-    tok.save_pretrained(tmp_path / "m")
-    return tmp_path / "m"
-
-
 def test_vllm_sampling_has_the_hf_format(tmp_path):
     pytest.importorskip("vllm")
-    path = _vllm_sized_model(tmp_path)
+    path = vllm_sized_model(tmp_path)
     tok = modeling.load_tokenizer(path)
     rng = random.Random(0)
     prompts = [tasks.make_prompt("add", rng)["messages"] for _ in range(32)]
