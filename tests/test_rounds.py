@@ -117,7 +117,8 @@ def test_a_step_dpo_round_caches_and_trains_on_its_step_pairs(repo, workdir):
         io.write_jsonl(f"rounds/round_1/{folder}/answers.jsonl", [{"id": "p0", "task": "add", "response": "",
                                                                   "score": 1.0, "passed": True, "length": 1}])
         io.write_json(f"rounds/round_1/{folder}/metrics.json", {"pass_rate": 1.0, "pass_rate_ci": [0, 1], "n": 1})
-    assert (rounds.decide(spec)["pairs"], rounds.decide(spec)["step_pairs"]) == (3, 5)
+    decided = rounds.decide(spec)
+    assert (decided.pairs, decided.step_pairs) == (3, 5)
 
     with pytest.raises(config.ParamsError, match="step_dpo.pairs: step, and label.step_pairs is off"):
         _step_spec(workdir, step_pairs=False)
