@@ -45,15 +45,15 @@ def workdir(tmp_path_factory) -> Path:
     return tmp
 
 
-@pytest.fixture()
-def clean_copy(tmp_path) -> Path:
-    """The repo's pipeline files copied into a fresh dir, with the tiny profile as params.yaml."""
-    for name in ("stages", "posttrain", "profiles"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+def copy_pipeline(dst: Path, folders: tuple[str, ...] = ("stages", "posttrain", "profiles", "flows")) -> Path:
+    """The repo's pipeline files (`folders`, dvc.yaml, .gitignore) copied into `dst`, the tiny profile as
+    params.yaml."""
+    for name in folders:
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
-    return tmp_path
+        shutil.copy(ROOT / name, dst / name)
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", dst / "params.yaml")
+    return dst
 
 
 # --- helpers of the tests that run the pipeline in a scratch git + DVC repo --------------------------------------
@@ -89,12 +89,7 @@ def rounds_repo(tmp_path_factory, workdir) -> Path:
     models/base, models/sft."""
     from stages import prepare, sft
 
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("stages", "posttrain", "profiles", "flows"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
+    repo = copy_pipeline(tmp_path_factory.mktemp("pipeline"))
     own_store(repo)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=repo_env(repo))

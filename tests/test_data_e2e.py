@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from posttrain import io, tasks
-from tests.conftest import ASSETS, DVC, ROOT, run_ok, stages_run
+from tests.conftest import ASSETS, DVC, copy_pipeline, run_ok, stages_run
 
 pytestmark = pytest.mark.slow
 COMMON = {"prepare", "base", "sft", "generate", "reward_model", "label", "reference", "token_reward", "dpo@dpo",
@@ -21,11 +21,8 @@ COMMON = {"prepare", "base", "sft", "generate", "reward_model", "label", "refere
 def _repo(tmp, prepare: dict, **blocks):
     """A git + DVC copy of the pipeline whose params are the tiny profile, reduced, with `prepare` overrides (and
     those of other `blocks`)."""
-    for name in ("stages", "posttrain", "profiles"):
-        shutil.copytree(ROOT / name, tmp / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, tmp / name)
-    params = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    copy_pipeline(tmp, ("stages", "posttrain", "profiles"))
+    params = yaml.safe_load((tmp / "params.yaml").read_text())
     params["prepare"] |= prepare
     params["dpo"]["variants"] = {"dpo": {"loss": "dpo", "guidance": "data/reference"}}
     params["guidance"]["sources"] = {}

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import DVC, STARTUP_S, run_ok, stages_run
+from tests.conftest import DVC, STARTUP_S, copy_pipeline, run_ok, stages_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"prepare", "base", "sft", "generate", "reward_model", "label", "reference", "token_reward",
@@ -25,12 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A copy of the pipeline with the tiny profile as params.yaml, reproduced once."""
-    repo = tmp_path_factory.mktemp("repo")
-    for name in ("stages", "posttrain", "profiles", "flows"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", repo / "params.yaml")
+    repo = copy_pipeline(tmp_path_factory.mktemp("repo"))
     run_ok(["git", "init", "-q"], repo)
     run_ok(DVC + ["init", "-q"], repo)
     log = run_ok([sys.executable, "-m", "posttrain.run"], repo)  # `make run`'s dvc repro, with stage k of N
