@@ -29,8 +29,11 @@ class Progress:
             self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
         self.bar.update(rows)
 
+    def close(self) -> None:
+        self.bar.close()
+
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.bar.close()
+        self.close()

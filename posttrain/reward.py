@@ -199,5 +199,5 @@ def score(model, tok, conversations: list[list[dict]], batch_size: int = 32, max
         r = head[torch.arange(len(ids)), last.to(device)] + model.scale * (logp * response.to(device)).sum(-1)
         out += r.float().cpu().tolist()
         bar.update(len(ids), int(mask.sum()))
-    bar.bar.close()
+    bar.close()
     return out

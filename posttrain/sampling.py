@@ -80,7 +80,7 @@ def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float,
         for j, i in enumerate(idx):
             out[i] = [c.strip() for c in completions[j * n : (j + 1) * n]]
         bar.update(len(idx), int((gen[:, enc.input_ids.shape[1] :] != tok.pad_token_id).sum()))
-    bar.bar.close()
+    bar.close()
     return out
 
 
