@@ -13,6 +13,7 @@ trainer's final log-probs of the chosen and rejected answers (likelihood displac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -32,34 +33,40 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     machine.require_clean(args.allow_dirty)
     repo, work = Path(args.repo).resolve(), Path(args.work).resolve()
-    r = lambda rel: str(repo / rel)  # noqa: E731
     base = yaml.safe_load((repo / "params.yaml").read_text())
     results = {}
-    for rate in args.rates:
-        params = json.loads(json.dumps(base))
-        params["dpo"]["defaults"]["learning_rate"] = rate
-        params["common"]["mlflow_uri"] = f"sqlite:///{work / 'mlflow.db'}"
-        params["common"]["mlflow_experiment"] = "bench-dpo-knobs"
-        d = work / f"lr_{rate:g}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        pf = str(d / "params.yaml")
-        trained = dpo.main(["--params", pf, "--variant", "dpo", "--model", r("models/sft"), "--prefs",
-                            r("data/label/prefs.jsonl"), "--step-prefs", r("data/label/step_prefs.jsonl"),
-                            "--reference", r("data/reference"), "--guidance", r("data/reference"),
-                            "--out", str(d / "model")])
-        evaluate.main(["--params", pf, "--name", f"dpo-lr{rate:g}", "--model", str(d / "model"), "--prompts",
-                       r("data/prepare/eval.jsonl"), "--general", r("posttrain/data/general.txt"),
-                       "--out", str(d / "evaluate")])
-        m = json.loads((d / "evaluate" / "metrics.json").read_text())
-        results[f"{rate:g}"] = {"pass_rate": m["pass_rate"], "pass_rate_ci": m["pass_rate_ci"],
-                                "mean_length": m["mean_length"], "pairs": trained["pairs"],
-                                "final_logps_chosen": trained.get("final_logps_chosen"),
-                                "final_logps_rejected": trained.get("final_logps_rejected")}
-        print(f"lr {rate:g}: {results[f'{rate:g}']}")
+    with contextlib.chdir(repo):  # its adapter chains name their base relative to the repo (chain.json)
+        for rate in args.rates:
+            results[f"{rate:g}"] = one_rate(repo, work, base, rate)
     out = {"pipeline": machine.repo_state(repo), "row": base["dpo"]["variants"]["dpo"],
            "defaults": base["dpo"]["defaults"], "results": results}
     return machine.write_results(args.out, out, machine.module_command("bench.dpo_knobs", argv), args.allow_dirty)
+
+
+def one_rate(repo: Path, work: Path, base: dict, rate: float) -> dict:
+    """Train and evaluate the `dpo` row at learning rate `rate`."""
+    r = lambda rel: str(repo / rel)  # noqa: E731
+    params = json.loads(json.dumps(base))
+    params["dpo"]["defaults"]["learning_rate"] = rate
+    params["common"]["mlflow_uri"] = f"sqlite:///{work / 'mlflow.db'}"
+    params["common"]["mlflow_experiment"] = "bench-dpo-knobs"
+    d = work / f"lr_{rate:g}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pf = str(d / "params.yaml")
+    trained = dpo.main(["--params", pf, "--variant", "dpo", "--model", r("models/sft"), "--prefs",
+                        r("data/label/prefs.jsonl"), "--step-prefs", r("data/label/step_prefs.jsonl"),
+                        "--reference", r("data/reference"), "--guidance", r("data/reference"),
+                        "--out", str(d / "model")])
+    evaluate.main(["--params", pf, "--name", f"dpo-lr{rate:g}", "--model", str(d / "model"), "--prompts",
+                   r("data/prepare/eval.jsonl"), "--general", r("posttrain/data/general.txt"),
+                   "--out", str(d / "evaluate")])
+    m = json.loads((d / "evaluate" / "metrics.json").read_text())
+    got = {"pass_rate": m["pass_rate"], "pass_rate_ci": m["pass_rate_ci"], "mean_length": m["mean_length"],
+           "pairs": trained["pairs"], "final_logps_chosen": trained.get("final_logps_chosen"),
+           "final_logps_rejected": trained.get("final_logps_rejected")}
+    print(f"lr {rate:g}: {got}", flush=True)
+    return got
 
 
 if __name__ == "__main__":
