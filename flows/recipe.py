@@ -22,18 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from posttrain import config, run, tracking
-
-
-def stage_order(repo_dir: str | Path = ".") -> list[str]:
-    """dvc.yaml's stages in an order where every stage follows the stages it depends on."""
-    import networkx as nx
-    from dvc.repo import Repo
-    from dvc.stage import PipelineStage
-
-    with Repo(str(repo_dir)) as repo:
-        graph = repo.index.graph  # an edge points from a stage to a stage it depends on
-        # dvc.yaml stages only: `dvc add`ed files (flows/iterative.py's rounds/*.dvc) are stages too, unnamed
-        return [s.name for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+from posttrain.run import stage_order  # noqa: F401 (tests and users import it from here too)
 
 
 @task(retries=2, retry_delay_seconds=5, task_run_name="{stage}")

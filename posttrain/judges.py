@@ -19,8 +19,10 @@ judge that always picks the first answer scores every pair 0.5 (position bias ca
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +173,7 @@ class LlmJudge:
         from posttrain import sampling
 
         self.backend = sampling.backend_for(llm.backend, device)
+        self._engine = None
 
     def _clip(self, text: str) -> str:
         n = self.params.max_answer_chars
@@ -197,10 +200,13 @@ class LlmJudge:
 
         if not texts:
             return torch.zeros(0, 3)
+        if self._engine is None:  # one engine for the judge's life: label asks once per prompt, report per model
+            stack = contextlib.ExitStack()
+            self._engine = stack.enter_context(sampling.vllm_engine(self.model, self.tok, seed=0))
+            weakref.finalize(self, stack.close)
         ids = [self.tok(t, add_special_tokens=False).input_ids for t in texts]
         asks = [TokensPrompt(prompt_token_ids=x + [v]) for x in ids for v in self.verdict_ids]
-        with sampling.vllm_engine(self.model, self.tok, seed=0) as llm:
-            results = llm.generate(asks, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=True)
+        results = self._engine.generate(asks, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=True)
         logps = torch.tensor([r.prompt_logprobs[-1][v].logprob for r, v in
                               zip(results, self.verdict_ids * len(texts), strict=True)]).reshape(len(texts), 3)
         return logps.softmax(-1)

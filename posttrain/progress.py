@@ -14,6 +14,12 @@ from tqdm import tqdm
 MININTERVAL = 5.0
 
 
+def clock(seconds: float) -> str:
+    """A duration as `4m05s`, or `1h02m` from an hour on (progress lines: make run's, the trainers')."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
 class Progress:
     """`with Progress("sampling", len(prompts), "prompt") as p: ... p.update(rows, tokens)`."""
 

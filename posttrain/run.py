@@ -20,30 +20,44 @@ import sys
 import time
 from pathlib import Path
 
+from posttrain import progress
+
 TIMES = Path(".dvc/tmp/stage_times.json")
 PRIOR = Path("bench/results/pipeline.json")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
 
-def clock(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+def _ordered(r) -> tuple[object, list]:
+    """(DVC's graph, its dvc.yaml stages in an order where every stage follows the stages it depends on)."""
+    import networkx as nx
+    from dvc.stage import PipelineStage
+
+    graph = r.index.graph  # an edge points from a stage to a stage it depends on
+    # dvc.yaml stages only: `dvc add`ed files (flows/iterative.py's rounds/*.dvc) are stages too, unnamed
+    return graph, [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+
+
+def stage_order(repo: str | Path = ".") -> list[str]:
+    """dvc.yaml's stages in DAG order (read from DVC, never restated)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        return [s.name for s in _ordered(r)[1]]
 
 
 def to_run(repo: str | Path = ".") -> list[str]:
     """The stages `dvc repro` will run, in DAG order: those `dvc status` finds changed and all downstream of them."""
     import networkx as nx
     from dvc.repo import Repo
-    from dvc.stage import PipelineStage
 
     with Repo(str(repo)) as r:
-        changed = set(r.status())
-        graph = r.index.graph  # an edge points from a stage to a stage it depends on
-        stages = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
-        runs = {s for s in stages if s.addressing in changed}
+        # status keys are addresses relative to the cwd (`../repo/dvc.yaml:sft` from elsewhere): compare by name
+        changed = {key.rsplit(":", 1)[-1] for key in r.status()}
+        graph, stages = _ordered(r)
+        runs = {s for s in stages if s.name in changed}
         for s in list(runs):
-            runs |= {a for a in nx.ancestors(graph, s) if isinstance(a, PipelineStage)}
-        return [s.addressing for s in stages if s in runs]
+            runs |= {a for a in nx.ancestors(graph, s) if a in stages}
+        return [s.name for s in stages if s in runs]
 
 
 def known_times(repo: Path) -> tuple[dict[str, float], dict[str, float], str | None]:
@@ -80,10 +94,10 @@ def line(started: list[str], stages: list[str], spent: float, own: dict, prior: 
     left, n_own, n_prior = estimate(remaining, own, prior)
     unknown = len(remaining) - n_own - n_prior
     how = "last run's times" if not n_prior else f"partly timed on {cpu}" if n_own else f"as timed on {cpu}"
-    guess = f"~{clock(left)} left ({how}{f', {unknown} stages untimed' if unknown else ''})" if n_own or n_prior \
-        else "no stage times yet"
+    untimed = f", {unknown} stages untimed" if unknown else ""
+    guess = f"~{progress.clock(left)} left ({how}{untimed})" if n_own or n_prior else "no stage times yet"
     total = len(set(stages) | set(started))
-    return f"[posttrain] stage {len(started)} of {total}: {started[-1]}; {clock(spent)} spent, {guess}"
+    return f"[posttrain] stage {len(started)} of {total}: {started[-1]}; {progress.clock(spent)} spent, {guess}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if times != own:
         save_times(repo, times)
     print(f"[posttrain] dvc repro {'finished' if rc == 0 else f'failed (exit {rc})'} after "
-          f"{clock(time.perf_counter() - t0)}", flush=True)
+          f"{progress.clock(time.perf_counter() - t0)}", flush=True)
     return rc
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from posttrain import io, modeling, tracking
+from posttrain import io, modeling, progress, tracking
 
 
 @dataclass
@@ -91,11 +91,6 @@ class StopOnNaN(TrainerCallback):
                                      f"checkpoint is kept in {args.output_dir}")
 
 
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
 class LogLine(TrainerCallback):
     """One line per logging step, numbers at fixed width, with the step out of all, the time spent and an estimate
     of the time left (by the mean step so far): in place of the Trainer's printed dict."""
@@ -118,7 +113,7 @@ class LogLine(TrainerCallback):
                          if k not in self.SKIP and isinstance(v, (int, float)) and not isinstance(v, bool))
         width = len(str(state.max_steps))
         print(f"{self.name} step {state.global_step:>{width}}/{state.max_steps}  {nums}  "
-              f"[{_clock(spent)} spent, ~{_clock(left)} left]", flush=True)
+              f"[{progress.clock(spent)} spent, ~{progress.clock(left)} left]", flush=True)
 
 
 def log_lines(trainer, name: str) -> None:

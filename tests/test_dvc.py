@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import yaml
 
+from posttrain import run
 from tests.conftest import DVC, STARTUP_S, copy_pipeline, run_ok, stages_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,7 @@ def test_recipe_flow_follows_dvc(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["report"]["reference"] = "base"  # only the report must re-run
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run.to_run(repo) == ["report"]  # from this test's cwd, not the repo: names, not cwd-relative addresses
     times = json.loads((repo / ".dvc/tmp/stage_times.json").read_text())
     with prefect_test_harness(server_startup_timeout=STARTUP_S):
         outcome = recipe(repo_dir=str(repo))

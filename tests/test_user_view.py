@@ -7,7 +7,7 @@ import logging
 import pytest
 from transformers import TrainerState
 
-from posttrain import cli, io, modeling, plots, training
+from posttrain import cli, io, modeling, plots, progress, training
 from stages import generate, prepare, sft
 from tests.conftest import tiny_params
 
@@ -135,4 +135,4 @@ def test_run_says_stage_k_of_n_and_the_time_left_from_the_last_runs_times():
         "[posttrain] stage 1 of 4: prepare; 0m00s spent, ~2m03s left (last run's times, 1 stages untimed)")
     assert run.line(["prepare", "merge@x"], stages, 5, {}, {}, None) == (  # a stage DVC ran unforeseen counts too
         "[posttrain] stage 2 of 5: merge@x; 0m05s spent, no stage times yet")
-    assert run.clock(3725) == "1h02m"
+    assert progress.clock(3725) == "1h02m" and progress.clock(125.4) == "2m05s"

@@ -68,6 +68,8 @@ def test_llm_judge_verdicts_from_vllm_equal_hf(model_dir):
             for b in ("hf", "vllm")}
     texts = [make["hf"].render(r["messages"], "4", "five") for r in rows]
     hf, vl = make["hf"].verdicts(texts), make["vllm"].verdicts(texts)
+    engine = make["vllm"]._engine
+    assert torch.equal(make["vllm"].verdicts(texts[:2]), vl[:2]) and make["vllm"]._engine is engine  # one engine
     assert vl.shape == (len(texts), 3)
     assert torch.allclose(vl, hf, atol=1e-4), json.dumps({"hf": hf.tolist(), "vllm": vl.tolist()})
     assert hf.std() > 0, "a random model's verdicts should differ between prompts"
