@@ -142,6 +142,6 @@ def test_promotion_rule_on_a_close_call(wins, losses, promoted, lo_range):
                 "champion": {"n": 10, "pass_rate": 0.5, "pass_rate_ci": [0, 1]}}
     decision = rounds.decision(r, rounds.Promote(level=0.95, min_gain=0.0), as_ids(cand), as_ids(champ), 1000,
                                reported)
-    assert decision["promoted"] is promoted and decision["gain_ci"] == [lo, hi]
-    assert decision["champion"] == ("rounds/round_1/model" if promoted else "models/sft")
-    assert decision["champion_select"] == ("rounds/round_1/select" if promoted else "champion_select")
+    assert decision.promoted is promoted and decision.gain_ci == [lo, hi]
+    assert decision.champion == ("rounds/round_1/model" if promoted else "models/sft")
+    assert decision.champion_select == ("rounds/round_1/select" if promoted else "champion_select")
