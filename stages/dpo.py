@@ -37,7 +37,7 @@ class TrainParams:
     seed: int = 0
     """Seeds LoRA initialisation and batch order; `common.seed` drives the data. Multi-seed runs vary this one
     (`dvc exp run -S dpo.defaults.seed=1`): every row re-trains on the same pairs and caches."""
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-5
     epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
