@@ -181,7 +181,7 @@ def test_a_row_parses_its_own_loss_params_and_may_override_a_training_knob():
     row = dpo.resolve(params, "fast_kto", "p.yaml")
     assert row.loss_params == losses.KTOParams(beta=0.3) and row.learning_rate == 5e-5
     assert row.seed == params.defaults.seed and row.epochs == params.defaults.epochs
-    assert params.defaults.learning_rate == 1e-4  # the shared block is left as it was
+    assert params.defaults.learning_rate == 3e-5  # the shared block is left as it was
 
 
 def test_the_dpo_stage_depends_on_the_shared_block_and_its_own_row_only():
