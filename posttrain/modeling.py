@@ -81,6 +81,38 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
+def shared_prefix_batch(rows: list[list[int]], pad_id: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Rows of token ids as one (B, T) batch laid out [shared prefix | left padding | own tokens], with its mask;
+    and k, the length of the prefix every row shares (the system prompt and template of a chat batch: more than
+    half of a default prompt), capped so each row keeps at least one own token, so the last column is real in
+    every row. k is 0 for a single row. `prefill` runs those k tokens once for the batch. `positions(mask)` counts
+    each row's real tokens, so every token sits where it would without the padding."""
+    k = min(map(len, rows)) - 1 if len(rows) > 1 else 0
+    for r in rows[1:]:
+        k = min(k, next((j for j, (x, y) in enumerate(zip(rows[0], r, strict=False)) if x != y), k))
+    width = k + max(len(r) - k for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :k], mask[i, :k] = torch.tensor(r[:k], dtype=torch.long), 1
+        if len(r) > k:
+            ids[i, width - len(r) + k :], mask[i, width - len(r) + k :] = torch.tensor(r[k:], dtype=torch.long), 1
+    return k, ids, mask
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, k: int):
+    """Forward of a `shared_prefix_batch` batch that runs its k shared tokens once (a batch of one, its KV cache
+    then repeated per row) and the rest per row: the model's output for the columns after k, whose
+    `past_key_values` cover every column and whose logits are the last column's. Gradients flow through the
+    repeated cache, so a trained prefix gets the sum of its rows' gradients, as if each row had run it."""
+    cache = None
+    if k:
+        cache = model(input_ids=ids[:1, :k], use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(ids.size(0))
+    return model(input_ids=ids[:, k:], attention_mask=mask, position_ids=positions(mask)[:, k:],
+                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
 def load_tokenizer(model_dir: str | Path, padding_side: str = "left"):
     from transformers import AutoTokenizer
 

@@ -2,8 +2,9 @@
 
 One tokenisation (`encode`) serves both the cache (`completion_logps`, run once per data set by the `reference`
 and `guidance` stages) and training, so cached per-token values line up with the trained tokens by construction.
-`PreferenceTrainer` subclasses TRL's DPOTrainer and replaces only its loss: a step costs one policy forward and
-backward, like DPO with precomputed reference log-probs, whatever the loss in `posttrain.losses.LOSSES`.
+`stages.dpo.PreferenceTrainer` subclasses TRL's DPOTrainer and replaces only its loss with `pair_logps` here and a
+loss of `posttrain.losses.LOSSES`. TRL is not imported here: the stages that only read log-probs (reference,
+guidance, evaluate, credit) start ~5 s sooner without it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from trl import DPOTrainer
 
-from posttrain import io, losses, progress
+from posttrain import io, modeling, progress
 
 TOKEN_COLUMNS = ("ref_chosen_tok", "ref_rejected_tok", "rhat_chosen_tok", "rhat_rejected_tok")
 
@@ -81,8 +80,9 @@ def encoded_rows(tok, pairs: list[dict], max_len: int, source: str) -> tuple[lis
 
 @dataclass
 class PairCollator:
-    """Batches encoded pairs for `pair_logps`: each prompt once, left-padded to (B, P); the chosen and rejected
-    completions right-padded to (2B, C) as [chosen; rejected]; cached per-token columns (`ref_*_tok`,
+    """Batches encoded pairs for `pair_logps`: each prompt once, (B, P) laid out by `modeling.shared_prefix_batch`
+    (the tokens every prompt shares, `prefix_len` of them, then left padding, then each prompt's own); the chosen
+    and rejected completions right-padded to (2B, C) as [chosen; rejected]; cached per-token columns (`ref_*_tok`,
     `rhat_*_tok`) laid out like the completions, as `ref_tok` / `rhat_tok` (2B, C); and `shared_mask` (B, C),
     1 on the completion tokens a pair's chosen and rejected share from the first (same ids at the same places:
     after the shared prompt, the same context, so the same log-probs and guidance on both sides)."""
@@ -93,13 +93,11 @@ class PairCollator:
         b = len(examples)
         prompts = [e["prompt_ids"] for e in examples]
         comps = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        p, c = max(map(len, prompts)), max(map(len, comps))
-        out = {"prompt_ids": torch.full((b, p), self.pad_token_id), "prompt_mask": torch.zeros(b, p, dtype=torch.long),
+        c = max(map(len, comps))
+        k, prompt_ids, prompt_mask = modeling.shared_prefix_batch(prompts, self.pad_token_id)
+        out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prefix_len": k,
                "completion_ids": torch.full((2 * b, c), self.pad_token_id),
                "completion_mask": torch.zeros(2 * b, c, dtype=torch.long)}
-        for i, ids in enumerate(prompts):
-            out["prompt_ids"][i, p - len(ids):] = torch.tensor(ids)
-            out["prompt_mask"][i, p - len(ids):] = 1
         for i, ids in enumerate(comps):
             out["completion_ids"][i, : len(ids)] = torch.tensor(ids)
             out["completion_mask"][i, : len(ids)] = 1
@@ -124,16 +122,16 @@ def pair_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-token log-probs (2B, C) of the [chosen; rejected] completions of a `PairCollator` batch, 0 on padding.
 
     The prompt, shared by both completions, runs once (its KV cache is repeated for the two), instead of twice as
-    in TRL's concatenated forward; with prompts ~10x longer than answers this halves a step. Gradients flow
-    through the cache, so the result (and its gradient) equals the concatenated forward up to float rounding.
+    in TRL's concatenated forward; with prompts ~10x longer than answers this halves a step. And the tokens every
+    prompt of the batch shares (`prefix_len`: the system prompt and template) run once for the batch
+    (`modeling.prefill`). Gradients flow through the caches, so the result (and its gradient) equals the
+    concatenated forward up to float rounding.
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
     comp_ids, comp_mask = batch["completion_ids"].to(device), batch["completion_mask"].to(device)
     b = prompt_ids.size(0)
-    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
-                  logits_to_keep=1)
+    first = modeling.prefill(model, prompt_ids, prompt_mask, int(batch.get("prefix_len", 0)))
     cache = first.past_key_values
     twice = torch.cat([torch.arange(b), torch.arange(b)]).to(device)
     cache.reorder_cache(twice)  # (B, ...) -> (2B, ...) as [prompt; prompt]
@@ -173,48 +171,3 @@ def write_token_values(path: str | Path, rows: list[dict]) -> None:
 def read_token_values(path: str | Path) -> dict[str, dict]:
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     return {r["id"]: r for r in rows}
-
-
-class PreferenceTrainer(DPOTrainer):
-    """TRL's DPOTrainer with the loss taken from `posttrain.losses.LOSSES` and the reference read from the cache.
-
-    The dataset is already encoded (`encode`) and carries per-token `ref_*_tok` (and for TGDPO `rhat_*_tok`)
-    columns; only the policy runs at each step. The step's loss is `LOSSES[loss].fn` with `loss_params` (an
-    instance of that row's params dataclass), and nothing else: a row is the loss its name says.
-    """
-
-    def __init__(self, *args, loss: str, loss_params: Any, **kwargs):
-        self.loss_name, self.loss_params = loss, loss_params
-        super().__init__(*args, **kwargs)
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset  # encoded by posttrain.preference.encode, the same function that built the cache
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", *TOKEN_COLUMNS]
-
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
-        logps = pair_logps(model, inputs)  # (2B, C): batch is [chosen, rejected]
-        mask = inputs["completion_mask"].to(logps.dtype)
-        ref = inputs["ref_tok"].to(logps.dtype) if "ref_tok" in inputs else torch.zeros_like(logps)
-        rhat = inputs["rhat_tok"].to(logps.dtype) if "rhat_tok" in inputs else None
-        c = lambda t: t.chunk(2, dim=0)  # noqa: E731
-        (pc, pr), (rc, rr), (mc, mr) = c(logps), c(ref), c(mask)
-        rhat_c, rhat_r = c(rhat) if rhat is not None else (None, None)
-        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, rhat_c, rhat_r, inputs["shared_mask"].to(logps))
-        per_example, chosen_rewards, rejected_rewards = losses.LOSSES[self.loss_name].fn(batch, self.loss_params)
-        loss = per_example.mean()
-        m = self._metrics[mode]
-        m["rewards/chosen"].append(chosen_rewards.mean().item())
-        m["rewards/rejected"].append(rejected_rewards.mean().item())
-        m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
-        m["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
-        # likelihood displacement (seed 002 section 6.8): watch the chosen log-prob fall along with the rejected
-        m["logps/chosen"].append(pc.sum(-1).mean().item())
-        m["logps/rejected"].append(pr.sum(-1).mean().item())
-        if mode == "train":  # tokens as TRL counts them: prompt + chosen, prompt + rejected
-            self._total_train_tokens += int(2 * inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
-        m["num_tokens"] = [self._total_train_tokens]
-        return (loss, SimpleNamespace(logits=logps)) if return_outputs else loss

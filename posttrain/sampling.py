@@ -36,25 +36,28 @@ def backend_for(choice: str, device: torch.device) -> str:
     return "hf"
 
 
-def _generate_shared_prefill(model, enc, n: int, **kwargs) -> torch.Tensor:
-    """`generate` with n samples per prompt, prefilling each prompt once rather than n times.
+def _generate_shared_prefill(model, rows: list[list[int]], pad_id: int, n: int, **kwargs) -> tuple[torch.Tensor, int]:
+    """`generate` with n samples per prompt that prefills what prompts share once: the generated ids and the prompt
+    width they follow.
 
-    HF's num_return_sequences repeats the prompt before the prefill; with short answers the prefill dominates, so
-    the prompt minus its last token is run once, its KV cache repeated n times, and generation resumes from it.
-    The prefill takes its positions from the attention mask, as `generate` does for the tokens after it: without
-    them a left-padded row's prompt sat at positions shifted by its padding, and its samples changed with the
-    lengths of its batch-mates (empty or off-topic answers, issue 21).
+    HF's num_return_sequences repeats each prompt n times before its prefill, and every prompt of a chat batch
+    repeats the system prompt and template; with short answers the prefill dominates. So the tokens every prompt
+    shares run once for the batch and each prompt's own tokens (all but its last) once for its n samples
+    (`modeling.shared_prefix_batch` and `prefill`), and `generate` resumes from that cache. Positions come from the
+    attention mask, as `generate` takes them for the tokens after: without them a left-padded row's prompt sat at
+    positions shifted by its padding, and its samples changed with the lengths of its batch-mates (issue 21).
     """
-    if n == 1:
-        return model.generate(**enc, **kwargs)
-    mask = enc.attention_mask[:, :-1]
-    prefix = model(input_ids=enc.input_ids[:, :-1], attention_mask=mask, position_ids=modeling.positions(mask),
-                   use_cache=True)
-    cache = prefix.past_key_values
-    cache.batch_repeat_interleave(n)
-    return model.generate(input_ids=enc.input_ids.repeat_interleave(n, dim=0),
-                          attention_mask=enc.attention_mask.repeat_interleave(n, dim=0), past_key_values=cache,
-                          **kwargs)
+    k, ids, mask = modeling.shared_prefix_batch(rows, pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    cache = None
+    if ids.size(1) > 1:
+        # all but the last column: at least one of them after the shared ones
+        cache = modeling.prefill(model, ids[:, :-1], mask[:, :-1], min(k, ids.size(1) - 2)).past_key_values
+        cache.batch_repeat_interleave(n)
+    gen = model.generate(input_ids=ids.repeat_interleave(n, dim=0), attention_mask=mask.repeat_interleave(n, dim=0),
+                         past_key_values=cache, **kwargs)
+    return gen, ids.size(1)
 
 
 @torch.no_grad()
@@ -65,21 +68,20 @@ def sample_hf(model, tok, prompts: list[list[dict]], n: int, temperature: float,
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
     out: list[list[str]] = [[] for _ in texts]
     model.eval()
-    device = next(model.parameters()).device
     per_batch = max(1, batch_size // n)
     bar = progress.Progress("sampling", len(texts), "prompt")
     for start in range(0, len(order), per_batch):
         idx = order[start : start + per_batch]
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        rows = tok([texts[i] for i in idx], add_special_tokens=False).input_ids
         torch.manual_seed(seed + start)
         kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(
             do_sample=False)
-        gen = _generate_shared_prefill(model, enc, n, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                       eos_token_id=tok.eos_token_id, **kwargs)
-        completions = tok.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        gen, width = _generate_shared_prefill(model, rows, tok.pad_token_id, n, max_new_tokens=max_new_tokens,
+                                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
+        completions = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
         for j, i in enumerate(idx):
             out[i] = [c.strip() for c in completions[j * n : (j + 1) * n]]
-        bar.update(len(idx), int((gen[:, enc.input_ids.shape[1] :] != tok.pad_token_id).sum()))
+        bar.update(len(idx), int((gen[:, width:] != tok.pad_token_id).sum()))
     bar.close()
     return out
 

@@ -9,7 +9,7 @@
 Each row of `dpo.variants` names a `loss` of `posttrain.losses.LOSSES` and gives that loss's hyper-parameters
 (parsed into the loss's own params dataclass, whose defaults fill the rest); the training knobs every row shares
 are `dpo.defaults`. dvc.yaml makes dpo@<row> depend on `dpo.defaults` and its own row only. Training is TRL's
-DPOTrainer subclassed in `posttrain.preference` (only the loss is replaced); the reference per-token log-probs come
+DPOTrainer subclassed here (`PreferenceTrainer`: only the loss is replaced); the reference per-token log-probs come
 from the `reference` stage's cache and a guided loss's token guidance from `--guidance` (a `guidance` stage's
 folder; other losses ignore it). The policy is a fresh LoRA adapter on the merged SFT weights, seeded by
 `dpo.defaults.seed`. A row's `pairs` chooses what it trains on: `response` (label's prefs.jsonl, the default) or
@@ -21,7 +21,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, get_args
+
+import torch
+from trl import DPOTrainer
 
 from posttrain import cli, config, io, losses, modeling, preference, training
 
@@ -151,6 +155,51 @@ def build_dataset(tok, pairs: list[dict], params: VariantParams, max_len: int, r
     return Dataset.from_list(data), dropped
 
 
+class PreferenceTrainer(DPOTrainer):
+    """TRL's DPOTrainer with the loss taken from `posttrain.losses.LOSSES` and the reference read from the cache.
+
+    The dataset is already encoded (`encode`) and carries per-token `ref_*_tok` (and for TGDPO `rhat_*_tok`)
+    columns; only the policy runs at each step. The step's loss is `LOSSES[loss].fn` with `loss_params` (an
+    instance of that row's params dataclass), and nothing else: a row is the loss its name says.
+    """
+
+    def __init__(self, *args, loss: str, loss_params: Any, **kwargs):
+        self.loss_name, self.loss_params = loss, loss_params
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # encoded by posttrain.preference.encode, the same function that built the cache
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", *preference.TOKEN_COLUMNS]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        logps = preference.pair_logps(model, inputs)  # (2B, C): batch is [chosen, rejected]
+        mask = inputs["completion_mask"].to(logps.dtype)
+        ref = inputs["ref_tok"].to(logps.dtype) if "ref_tok" in inputs else torch.zeros_like(logps)
+        rhat = inputs["rhat_tok"].to(logps.dtype) if "rhat_tok" in inputs else None
+        c = lambda t: t.chunk(2, dim=0)  # noqa: E731
+        (pc, pr), (rc, rr), (mc, mr) = c(logps), c(ref), c(mask)
+        rhat_c, rhat_r = c(rhat) if rhat is not None else (None, None)
+        batch = losses.PairBatch(pc, pr, rc, rr, mc, mr, rhat_c, rhat_r, inputs["shared_mask"].to(logps))
+        per_example, chosen_rewards, rejected_rewards = losses.LOSSES[self.loss_name].fn(batch, self.loss_params)
+        loss = per_example.mean()
+        m = self._metrics[mode]
+        m["rewards/chosen"].append(chosen_rewards.mean().item())
+        m["rewards/rejected"].append(rejected_rewards.mean().item())
+        m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+        m["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        # likelihood displacement (seed 002 section 6.8): watch the chosen log-prob fall along with the rejected
+        m["logps/chosen"].append(pc.sum(-1).mean().item())
+        m["logps/rejected"].append(pr.sum(-1).mean().item())
+        if mode == "train":  # tokens as TRL counts them: prompt + chosen, prompt + rejected
+            self._total_train_tokens += int(2 * inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+        m["num_tokens"] = [self._total_train_tokens]
+        return (loss, SimpleNamespace(logits=logps)) if return_outputs else loss
+
+
 def make_trainer(model, tok, dataset, params: VariantParams, common, device, output_dir: str):
     from trl import DPOConfig
 
@@ -160,7 +209,7 @@ def make_trainer(model, tok, dataset, params: VariantParams, common, device, out
         gradient_accumulation_steps=params.grad_accum, max_length=common.max_len, logging_steps=params.logging_steps,
         save_steps=params.save_steps, seed=params.seed, lr_scheduler_type="cosine", remove_unused_columns=False,
         **training.device_args(device))
-    return preference.PreferenceTrainer(
+    return PreferenceTrainer(
         model=model, args=cfg, train_dataset=dataset, processing_class=tok,
         data_collator=preference.PairCollator(pad_token_id=tok.pad_token_id),
         peft_config=training.lora_config(params.lora_params) if params.lora else None,

@@ -57,3 +57,24 @@ def test_llm_judge_verdicts_batched_equal_verdicts_alone(sharp):
     batched = judge.verdicts(texts)
     alone = torch.cat([judge.verdicts([t]) for t in texts])
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_batch_layout():
+    """[shared prefix | left padding | own tokens]; the prefix is capped so every row keeps one own token."""
+    k, ids, mask = modeling.shared_prefix_batch([[5, 6, 7, 8], [5, 6, 9], [5, 6, 7]], 0)
+    assert k == 2
+    assert ids.tolist() == [[5, 6, 7, 8], [5, 6, 0, 9], [5, 6, 0, 7]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 0, 1]]
+    assert modeling.positions(mask).tolist() == [[0, 1, 2, 3], [0, 1, 1, 2], [0, 1, 1, 2]]
+    assert modeling.shared_prefix_batch([[5, 6], [5, 6]], 0)[0] == 1  # equal rows: the last token stays own
+    assert modeling.shared_prefix_batch([[5, 6, 7]], 0)[0] == 0  # one row: nothing to share
+    assert modeling.shared_prefix_batch([[4, 6], [5, 6]], 0)[0] == 0
+
+
+def test_the_batch_shares_its_chat_prefix(sharp):
+    """The rows above share their system prompt and template: the sampler runs that prefix once (so the test
+    above checks the shared path, not a fallback)."""
+    _, tok = sharp
+    rows = [tok(modeling.render_prompt(tok, p), add_special_tokens=False).input_ids for p in PROMPTS]
+    k = modeling.shared_prefix_batch(rows, tok.pad_token_id)[0]
+    assert k >= 5 and all(r[:k] == rows[0][:k] for r in rows)

@@ -325,6 +325,7 @@ def test_shared_prompt_forward_equals_the_concatenated_forward(workdir):
     batch = preference.PairCollator(tok.pad_token_id)([{k: r[k] for k in ("prompt_ids", "chosen_ids",
                                                                           "rejected_ids")} for r in rows])
     assert batch["prompt_mask"].sum(-1).unique().numel() == 3, "prompts of three lengths (left padding)"
+    assert batch["prefix_len"] > 5, "the template and question the prompts share run once"
     got = preference.pair_logps(model, batch)
     for i in range(len(rows) * 2):
         n = int(batch["completion_mask"][i].sum())
@@ -421,7 +422,8 @@ def test_label_rejects_a_bad_samples_file(workdir, tmp_path):
 
 
 def test_shared_prefill_sampling_matches_plain_generate(workdir):
-    """Prefilling a prompt once and repeating its cache gives what generate gives for the repeated prompt."""
+    """Prefilling what the prompts share once, each prompt's own tokens once, and repeating the cache gives the
+    tokens generate gives for the repeated, left-padded prompts."""
     from posttrain import sampling
 
     tok = modeling.load_tokenizer(workdir / "models/base")
@@ -430,10 +432,12 @@ def test_shared_prefill_sampling_matches_plain_generate(workdir):
     texts = [modeling.render_prompt(tok, p) for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    shared = sampling._generate_shared_prefill(model, enc, 3, **kw)
-    plain = model.generate(input_ids=enc.input_ids.repeat_interleave(3, 0),
-                           attention_mask=enc.attention_mask.repeat_interleave(3, 0), **kw)
-    assert torch.equal(shared, plain)
+    for n in (1, 3):
+        rows = tok(texts, add_special_tokens=False).input_ids
+        shared, width = sampling._generate_shared_prefill(model, rows, tok.pad_token_id, n, **kw)
+        plain = model.generate(input_ids=enc.input_ids.repeat_interleave(n, 0),
+                               attention_mask=enc.attention_mask.repeat_interleave(n, 0), **kw)
+        assert width == enc.input_ids.shape[1] and torch.equal(shared[:, width:], plain[:, width:])
 
 
 def test_reward_model_without_pairs_says_so_and_label_refuses_it(workdir, tmp_path):
