@@ -128,3 +128,25 @@ def test_stage_metrics_copies_what_the_stages_wrote_with_the_pipelines_revision(
     assert got["pipeline"]["params_profile"] == "long.yaml"
     saved = json.loads((repo / "scratch/out.json").read_text())
     assert saved["command"].startswith("python -m bench.stage_metrics --repo ") and saved["dirty"] is False
+
+
+def test_main_job_pair_compares_wall_time_and_pass_rates_against_the_before_interval():
+    """after/before wall 750/1000 = 0.75 (25% less); dpo's 0.47 lies in [0.43, 0.57], sft's 0.30 not in
+    [0.37, 0.51]; a row the after run lacks is not inside."""
+    from bench import main_job_pair
+
+    def run(wall, rows):
+        return {"make_run_s": wall, "eval_table": {"rows": rows}}
+
+    before = run(1000.0, {"sft": {"pass_rate": 0.44, "pass_rate_ci": [0.37, 0.51]},
+                          "dpo": {"pass_rate": 0.5, "pass_rate_ci": [0.43, 0.57]}})
+    after = run(750.0, {"sft": {"pass_rate": 0.30, "pass_rate_ci": [0.24, 0.37]},
+                        "dpo": {"pass_rate": 0.47, "pass_rate_ci": [0.40, 0.54]}})
+    s = main_job_pair.compare(before, after)
+    assert s["after_over_before_wall"] == 0.75 and s["wall_cut"] == 0.25 and s["same_rows"]
+    assert s["pass_rates"]["dpo"] == {"before": 0.5, "before_ci": [0.43, 0.57], "after": 0.47,
+                                      "inside_before_ci": True}
+    assert not s["pass_rates"]["sft"]["inside_before_ci"] and not s["all_inside_before_ci"]
+    s = main_job_pair.compare(before, run(900.0, {"dpo": after["eval_table"]["rows"]["dpo"]}))
+    assert not s["same_rows"] and s["pass_rates"]["sft"] == {"before": 0.44, "after": None,
+                                                             "inside_before_ci": False}
