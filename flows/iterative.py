@@ -38,10 +38,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import compare
+from flows.promotion import Decision
 from flows.rounds import (
     ROUNDS,
     SELECTION,
-    Decision,
     IterativeParams,
     Step,
     decide,

@@ -10,9 +10,9 @@ guidance] -> dpo (a new LoRA on the champion) -> evaluate on the eval split (rep
 round's `label/step_prefs.jsonl`, which label writes with `label.step_pairs` (and at least one pair): reference then
 caches it and a `pairs: step` variant (Step-DPO) trains on it.
 
-Promotion is decided on the selection split, never on the eval split it reports: `rounds/selection.jsonl`,
-drawn once (before round 1) from the task suite, disjoint from `data/prepare` and from every round's prompts, so
-repeated selection over rounds does not bias the reported figures.
+Promotion (flows/promotion.py) is decided on the selection split, never on the eval split it reports:
+`rounds/selection.jsonl`, drawn once (before round 1) from the task suite, disjoint from `data/prepare` and from
+every round's prompts, so repeated selection over rounds does not bias the reported figures.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain import config, io, losses, stats, tasks
+from flows import promotion
+from posttrain import config, io, losses, tasks
 
 ROUNDS = Path("rounds")
 PREPARE = Path("data/prepare")
@@ -34,20 +35,6 @@ EVAL_PROMPTS = PREPARE / "eval.jsonl"
 SELECTION = ROUNDS / "selection.jsonl"
 SELECTION_SEED = 999_983
 """Added to common.seed for the selection split: a stream no round's seed (common.seed + 1000 k) reaches."""
-
-
-@dataclass
-class Promote:
-    level: float = 0.95
-    """Two-sided level of the paired bootstrap interval of the pass-rate gain."""
-    min_gain: float = 0.0
-    """Promote iff the interval's lower end exceeds this: 0 = better than the champion beyond resampling noise."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.level < 1:
-            raise ValueError(f"level must be in (0, 1), got {self.level}")
-        if not -1 <= self.min_gain < 1:
-            raise ValueError(f"min_gain must be in [-1, 1), got {self.min_gain}")
 
 
 @dataclass
@@ -65,7 +52,7 @@ class IterativeParams:
     """Round 1's champion."""
     reference: str = "models/sft"
     """Reference model of every round's DPO; 'champion' = the round's starting policy."""
-    promote: Promote = field(default_factory=Promote)
+    promote: promotion.Promote = field(default_factory=promotion.Promote)
     registered_model: str = "posttrain-policy"
     """MLflow Model Registry name; its alias `champion` names the current champion."""
 
@@ -100,56 +87,6 @@ class Round:
     @property
     def dir(self) -> Path:
         return round_dir(self.k)
-
-
-@dataclass
-class Decision:
-    """`rounds/round_<k>/decision.json`: what round k decided and the figures it decided on; written once (`write`)
-    when the round finishes, read back (`read`) by the next round and a re-run."""
-
-    round: int
-    candidate: str
-    """The round's trained model."""
-    champion_before: str
-    candidate_pass_rate: float
-    """On the eval split (reported; promotion never reads it), as are the champion's."""
-    candidate_pass_rate_ci: list[float]
-    champion_pass_rate: float
-    champion_pass_rate_ci: list[float]
-    n_eval: int
-    gain: float
-    """Mean per-prompt pass gain (candidate - champion) on the selection split: what promotion decides on."""
-    gain_ci: list[float]
-    n_select: int
-    rule: str
-    promoted: bool
-    champion: str
-    """The champion after the round (the candidate if promoted), with its evaluate folders on both splits."""
-    champion_eval: str
-    champion_select: str
-    pairs: int = 0
-    """Response-level pairs the round trained on (label's count)."""
-    step_pairs: int | None = None
-    """Step-level pairs label wrote (label.step_pairs), else None."""
-    model_version: int | str | None = None
-    """The candidate's version of the registered model, and the champion's after the round (flows/iterative.py; as
-    MLflow gives it, a number)."""
-    champion_version: int | str | None = None
-
-    @classmethod
-    def read(cls, path: str | Path) -> Decision:
-        return config.parse(cls, json.loads(Path(path).read_text()), str(path))
-
-    def write(self, path: str | Path) -> None:
-        io.write_json(path, dataclasses.asdict(self))
-
-    def metrics(self) -> dict[str, float]:
-        """What the round's MLflow run logs: the figures, each interval as _lo/_hi, `promoted` as 0/1."""
-        out = {k: float(getattr(self, k)) for k in ("candidate_pass_rate", "champion_pass_rate", "gain", "n_select",
-                                                   "pairs")}
-        for key in ("candidate_pass_rate_ci", "champion_pass_rate_ci", "gain_ci"):
-            out[key.replace("_ci", "_lo")], out[key.replace("_ci", "_hi")] = getattr(self, key)
-        return out | {"promoted": float(self.promoted)}
 
 
 @dataclass
@@ -234,7 +171,7 @@ def new_spec(k: int, data: dict, where: str) -> dict:
     else:
         if not decision_path(k - 1).exists():
             raise RuntimeError(f"round {k - 1} is not finished ({decision_path(k - 1)} is missing): run it first")
-        prev = Decision.read(decision_path(k - 1))
+        prev = promotion.Decision.read(decision_path(k - 1))
         champion, champion_eval, champion_select = prev.champion, prev.champion_eval, prev.champion_select
     spec = copy.deepcopy(data)
     seed = common.seed + 1000 * k
@@ -318,7 +255,7 @@ def plan(spec: dict) -> list[Step]:
                                               "--out", str(d / "model")], d / "model"))
     evaluations = [("evaluate", str(d / "model"), f"round_{r.k}", EVAL_PROMPTS, str(d / "eval")),
                    ("select", str(d / "model"), f"round_{r.k}_select", SELECTION, str(d / "select"))]
-    if Path(r.champion_eval) == d / "champion_eval":  # round 1: the initial model has no evaluations yet
+    if r.k == 1:  # the initial model has no evaluations yet
         evaluations += [("evaluate_champion", r.champion, "champion", EVAL_PROMPTS, r.champion_eval),
                         ("select_champion", r.champion, "champion_select", SELECTION, r.champion_select)]
     for name, model, label, prompts, out in evaluations:
@@ -331,29 +268,7 @@ def _passed(folder: str | Path) -> dict[str, float]:
     return {r["id"]: float(r["passed"]) for r in io.read_jsonl(Path(folder) / "answers.jsonl", "answers")}
 
 
-def decision(r: Round, promote: Promote, candidate: dict[str, float], champion: dict[str, float], n_boot: int,
-             reported: dict[str, dict]) -> Decision:
-    """Promote iff the lower end of the paired bootstrap interval (`promote.level`) of the selection-split pass-rate
-    gain (candidate - champion, per prompt id: `candidate`/`champion` map id -> passed) exceeds `promote.min_gain`.
-    `reported` carries the eval-split figures ({'candidate': metrics, 'champion': metrics}) into the record."""
-    gain, lo, hi = stats.paired_gain(candidate, champion, n_boot, r.seed, promote.level)
-    promoted = lo > promote.min_gain
-    cand, champ = reported["candidate"], reported["champion"]
-    return Decision(
-        round=r.k, candidate=str(r.dir / "model"), champion_before=r.champion,
-        candidate_pass_rate=cand["pass_rate"], candidate_pass_rate_ci=list(cand["pass_rate_ci"]),
-        champion_pass_rate=champ["pass_rate"], champion_pass_rate_ci=list(champ["pass_rate_ci"]),
-        n_eval=cand["n"], gain=gain, gain_ci=[lo, hi], n_select=len(candidate),
-        rule=f"promote iff the lower end of the {promote.level:.0%} paired bootstrap interval of pass rate "
-             f"(candidate - champion) over the {len(candidate)} selection prompts > {promote.min_gain}; the "
-             f"pass rates reported are on the {cand['n']} eval prompts, which promotion never reads",
-        promoted=promoted,
-        champion=str(r.dir / "model") if promoted else r.champion,
-        champion_eval=str(r.dir / "eval") if promoted else r.champion_eval,
-        champion_select=str(r.dir / "select") if promoted else r.champion_select)
-
-
-def decide(spec: dict) -> Decision:
+def decide(spec: dict) -> promotion.Decision:
     """`decision` on the round's files: selection answers decide, eval metrics are reported, label counts pairs."""
     from stages.evaluate import EvaluateParams
 
@@ -363,7 +278,7 @@ def decide(spec: dict) -> Decision:
     n_boot = config.parse(EvaluateParams, spec.get("evaluate"), f"{where}: evaluate").n_bootstrap
     reported = {"candidate": json.loads((r.dir / "eval" / "metrics.json").read_text()),
                 "champion": json.loads((Path(r.champion_eval) / "metrics.json").read_text())}
-    out = decision(r, it.promote, _passed(r.dir / "select"), _passed(r.champion_select), n_boot, reported)
+    out = promotion.decision(r, it.promote, _passed(r.dir / "select"), _passed(r.champion_select), n_boot, reported)
     label = json.loads((r.dir / "label" / "stats.json").read_text())
     out.pairs = label["pairs"]
     if "step_pairs" in label:  # label.step_pairs: what a `pairs: step` variant trained on

@@ -128,7 +128,7 @@ def test_nan_guard_stops_a_real_dpo_run_keeping_the_last_good_checkpoint(workdir
 def test_promotion_rule_on_a_close_call(wins, losses, promoted, lo_range):
     """200 selection prompts the champion and the candidate both answer; they differ on `wins` (candidate right,
     champion wrong) and `losses` prompts. Promote iff the 95% paired-bootstrap lower end is > 0 (strictly)."""
-    from flows import rounds
+    from flows import promotion, rounds
 
     champ = [False] * wins + [True] * losses + [True] * 60 + [False] * (140 - wins - losses)
     cand = [True] * wins + [False] * losses + [True] * 60 + [False] * (140 - wins - losses)
@@ -140,8 +140,8 @@ def test_promotion_rule_on_a_close_call(wins, losses, promoted, lo_range):
     assert lo_range[0] <= lo <= lo_range[1] and (lo == 0.0 if lo_range == (0.0, 0.0) else lo != 0.0)
     reported = {"candidate": {"n": 10, "pass_rate": 0.5, "pass_rate_ci": [0, 1]},
                 "champion": {"n": 10, "pass_rate": 0.5, "pass_rate_ci": [0, 1]}}
-    decision = rounds.decision(r, rounds.Promote(level=0.95, min_gain=0.0), as_ids(cand), as_ids(champ), 1000,
-                               reported)
+    decision = promotion.decision(r, promotion.Promote(level=0.95, min_gain=0.0), as_ids(cand), as_ids(champ),
+                                  1000, reported)
     assert decision.promoted is promoted and decision.gain_ci == [lo, hi]
     assert decision.champion == ("rounds/round_1/model" if promoted else "models/sft")
     assert decision.champion_select == ("rounds/round_1/select" if promoted else "champion_select")

@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import yaml
 
-from flows import rounds
+from flows import promotion, rounds
 from posttrain import config, io, stats
 from tests.conftest import ROOT
 
@@ -51,8 +51,8 @@ def test_round_one_plans_the_champion_evaluations_and_records_its_commands(repo)
 
 def test_later_rounds_start_from_the_last_decision(repo):
     (repo / "rounds" / "round_1").mkdir(parents=True)
-    rounds.decision(rounds.read_round(_spec(1), "x"), rounds.Promote(min_gain=-1.0), {"p": 1.0}, {"p": 0.0}, 10,
-                    REPORTED).write(rounds.decision_path(1))  # round 1 promoted its model
+    promotion.decision(rounds.read_round(_spec(1), "x"), promotion.Promote(min_gain=-1.0), {"p": 1.0}, {"p": 0.0},
+                       10, REPORTED).write(rounds.decision_path(1))  # round 1 promoted its model
     spec = _spec(2, reference="champion")
     r = rounds.read_round(spec, "x")
     assert (r.champion, r.reference, r.champion_select) == ("rounds/round_1/model", "rounds/round_1/model",
@@ -158,7 +158,8 @@ def _answers(passed: list[int]) -> dict[str, float]:
 def test_a_clear_gain_is_promoted():
     # the candidate passes 10 prompts the champion fails and ties on 10: per-prompt gains +1 x 10, 0 x 10, mean 0.5;
     # a resample's mean is Binomial(20, 1/2) / 20, whose 2.5% quantile is 0.3: far above 0
-    d = rounds.decision(ROUND, rounds.Promote(), _answers([1] * 20), _answers([0] * 10 + [1] * 10), 1000, REPORTED)
+    d = promotion.decision(ROUND, promotion.Promote(), _answers([1] * 20), _answers([0] * 10 + [1] * 10), 1000,
+                           REPORTED)
     assert d.gain == 0.5 and 0.25 < d.gain_ci[0] < 0.5
     assert d.promoted and d.champion == "rounds/round_2/model"
     assert d.champion_select == "rounds/round_2/select"
@@ -173,8 +174,8 @@ def test_a_gain_inside_the_noise_could_go_either_way():
     champ = _answers([0, 0, 0, 1] + [1] * 8 + [0] * 8)
     gain, lo, hi = stats.paired_gain(cand, champ, 1000, ROUND.seed, 0.95)
     assert gain == pytest.approx(0.1) and -0.15 < lo < 0 < hi
-    keep = rounds.decision(ROUND, rounds.Promote(min_gain=0.0), cand, champ, 1000, REPORTED)
-    take = rounds.decision(ROUND, rounds.Promote(min_gain=-0.15), cand, champ, 1000, REPORTED)
+    keep = promotion.decision(ROUND, promotion.Promote(min_gain=0.0), cand, champ, 1000, REPORTED)
+    take = promotion.decision(ROUND, promotion.Promote(min_gain=-0.15), cand, champ, 1000, REPORTED)
     assert not keep.promoted and keep.champion == ROUND.champion
     assert keep.champion_select == ROUND.champion_select
     assert take.promoted and take.gain_ci == keep.gain_ci
@@ -182,7 +183,7 @@ def test_a_gain_inside_the_noise_could_go_either_way():
 
 def test_a_decision_needs_the_same_prompts():
     with pytest.raises(ValueError, match="different prompts"):
-        rounds.decision(ROUND, rounds.Promote(), _answers([1, 1]), _answers([1, 1, 1]), 100, REPORTED)
+        promotion.decision(ROUND, promotion.Promote(), _answers([1, 1]), _answers([1, 1, 1]), 100, REPORTED)
 
 
 def test_decide_reads_the_round_files(repo):
@@ -198,7 +199,7 @@ def test_decide_reads_the_round_files(repo):
     d = rounds.decide(spec)
     assert d.promoted and d.gain == 1.0 and d.pairs == 5 and d.n_eval == 2 and d.n_select == 4
     d.write(tmp := r.dir / "decision.json")
-    assert rounds.Decision.read(tmp) == d  # what run_round writes to decision.json, read back whole
+    assert promotion.Decision.read(tmp) == d  # what run_round writes to decision.json, read back whole
     assert d.metrics() == {"candidate_pass_rate": 0.5, "champion_pass_rate": 0.0, "gain": 1.0, "n_select": 4.0,
                            "pairs": 5.0, "candidate_pass_rate_lo": 0, "candidate_pass_rate_hi": 1,
                            "champion_pass_rate_lo": 0, "champion_pass_rate_hi": 1, "gain_lo": 1.0, "gain_hi": 1.0,
