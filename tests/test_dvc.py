@@ -142,3 +142,27 @@ def test_remote_push_clone_pull_runs_nothing(repo, tmp_path):
         assert (clone / f).read_bytes() == (repo / f).read_bytes(), f
     assert stages_run(run_ok(DVC + ["repro"], clone)) == set()
     assert "up to date" in run_ok(DVC + ["status"], clone)
+
+
+def test_seeds_bench_runs_each_seed_as_a_dvc_experiment(repo, tmp_path):
+    """bench.seeds on the tiny pipeline (after the commit above): seed 0 reads the pipeline's own answers; seed 1
+    is a `dvc exp run` that re-runs only the rows' dpo and evaluate stages, logged to MLflow's bench-seeds
+    experiment; then the workspace has the pipeline's params and outputs back."""
+    from bench import seeds
+
+    repo, _ = repo
+    params = (repo / "params.yaml").read_bytes()
+    adapter = (repo / "models/dpo/dpo/adapter_model.safetensors").read_bytes()
+    out = seeds.main(["--repo", str(repo), "--seeds", "0", "1", "--variants", "dpo", "tgdpo_token",
+                      "--out", str(tmp_path / "seeds.json"), "--allow-dirty"])
+    table = json.loads((repo / "reports/metrics.json").read_text())
+    assert out["per_seed"]["dpo"][0]["pass_rate"] == table["dpo"]["pass_rate"]
+    assert set(out["per_seed"]["tgdpo_token"]) == {0, 1} and set(out["paired_vs_dpo"]) == {"tgdpo_token_minus_dpo"}
+    assert (repo / "params.yaml").read_bytes() == params
+    assert (repo / "models/dpo/dpo/adapter_model.safetensors").read_bytes() == adapter
+    assert "up to date" in run_ok(DVC + ["status"], repo)
+    assert "seed-1" in run_ok(DVC + ["exp", "list"], repo)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["bench-seeds"])
+    assert sorted(runs["tags.mlflow.runName"]) == ["dpo@dpo", "dpo@tgdpo_token", "evaluate@dpo",
+                                                   "evaluate@tgdpo_token"]
