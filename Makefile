@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint setup-vllm test-vllm
+.PHONY: setup run test lint setup-vllm test-vllm gpu-wheels gpu-dry-run
 
 setup: $(VENV)/.installed
 
@@ -45,3 +45,20 @@ $(VLLM_VENV)/.installed: requirements-vllm.lock
 
 test-vllm: setup-vllm
 	PATH=$(VLLM_VENV)/bin:$$PATH $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+
+# The GPU check (bench/gpu_check.py, docs/gpu.md) carries in the git-ignored .whl/ the wheels the device image lacks,
+# at requirements.lock's versions, built for its Python 3.12 on manylinux x86-64, and the tiny model's tokenizer.
+# Old wheels are removed first: two versions of one package stop pip there.
+WHEEL_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp \
+	$(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
+
+gpu-wheels: setup
+	@grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+	mkdir -p .whl && rm -f .whl/*.whl .whl/tree.json
+	$(PY) -m bench.gpu_check --pins | xargs $(PY) -m pip download -q --no-deps $(WHEEL_TAGS) -d .whl
+	$(PY) -m bench.gpu_check --pack
+	@du -sh .whl
+
+# After committing, just before the device call: checks the carried set and records the tree (.whl/tree.json).
+gpu-dry-run: setup
+	$(PY) -m bench.gpu_check --dry-run

@@ -51,7 +51,7 @@ def _trl_trainer(model, tok, pairs, common, device, params, steps, out):
 
     from posttrain import training
 
-    cfg = DPOConfig(output_dir=out, learning_rate=params.learning_rate, beta=params.beta, max_steps=steps,
+    cfg = DPOConfig(output_dir=out, learning_rate=params.learning_rate, beta=params.loss_params.beta, max_steps=steps,
                     per_device_train_batch_size=params.batch_size, max_length=common.max_len, logging_steps=1000,
                     save_strategy="no", seed=common.seed, precompute_ref_log_probs=False,
                     **{k: v for k, v in training.device_args(device).items() if k not in ("save_strategy",
