@@ -62,9 +62,16 @@ def run_seed(repo: Path, seed: int, baseline: int, variants: list[str]) -> dict[
     return {v: answers(repo / f"reports/evaluate/{v}/answers.jsonl") for v in variants}
 
 
+def snapshot(repo: Path) -> dict[str, bytes]:
+    """What an experiment overwrites and `dvc checkout` cannot bring back: params.yaml, dvc.lock and the files DVC
+    does not cache (the evaluations' metrics.json and summary.json, `cache: false`), every file under reports/."""
+    files = [repo / "params.yaml", repo / "dvc.lock", *(f for f in (repo / "reports").rglob("*") if f.is_file())]
+    return {str(f.relative_to(repo)): f.read_bytes() for f in files}
+
+
 def restore(repo: Path, saved: dict[str, bytes]) -> None:
-    """The pipeline's own params.yaml and dvc.lock (`saved`) back in the workspace, and the outputs they name (an
-    experiment leaves its own there)."""
+    """The `snapshot` back in the workspace, then the cached outputs its dvc.lock names (an experiment leaves its
+    own there)."""
     for name, data in saved.items():
         (repo / name).write_bytes(data)
     subprocess.run([*DVC, "checkout", "--force", "--quiet"], cwd=repo, env=ENV, check=True)
@@ -86,7 +93,7 @@ def main(argv=None) -> dict:
     baseline = config.read_yaml(repo / "params.yaml")["dpo"]["defaults"].get("seed", 0)
     per_seed: dict[str, dict[int, dict]] = {v: {} for v in args.variants}
     t0 = time.perf_counter()
-    saved = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    saved = snapshot(repo)
     try:
         runs = {seed: run_seed(repo, seed, baseline, args.variants) for seed in args.seeds}
     finally:
