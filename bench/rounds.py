@@ -24,6 +24,11 @@ from bench import machine
 ENV = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
 
 
+def decided(repo: Path) -> set[int]:
+    """The rounds with a decision.json in `repo`."""
+    return {int(d.parent.name.split("_")[1]) for d in (repo / "rounds").glob("round_*/decision.json")}
+
+
 def one_round(repo: Path) -> tuple[float, str]:
     """`python -m flows.iterative` (one round) in `repo`: its wall time and its last output line."""
     t0 = time.perf_counter()
@@ -47,11 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
     repo = Path(args.repo).resolve()
     timed = {}
     for _ in range(args.rounds):
+        before = decided(repo)
         wall, said = one_round(repo)
-        k = int(said.split()[1].rstrip(":"))  # "round <k>: promoted; champion ..."
+        (k,) = decided(repo) - before  # a finished round leaves exactly one new decision
         timed[k] = {"wall_s": round(wall, 1), "said": said}
     decisions = {k: json.loads((repo / "rounds" / f"round_{k}" / "decision.json").read_text())
-                 for k in sorted(int(d.name.split("_")[1]) for d in (repo / "rounds").glob("round_*") if d.is_dir())}
+                 for k in sorted(decided(repo))}
     compare = subprocess.run([sys.executable, "-m", "flows.iterative", "compare"], cwd=repo,
                              env=ENV | {"PYTHONPATH": str(repo)}, capture_output=True, text=True, check=True)
     table = (repo / "reports/rounds/rounds.md").read_text()

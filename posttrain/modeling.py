@@ -81,15 +81,23 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def shared_prefix_batch(rows: list[list[int]], pad_id: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Rows of token ids as one (B, T) batch laid out [shared prefix | left padding | own tokens], with its mask;
     and k, the length of the prefix every row shares (the system prompt and template of a chat batch: more than
     half of a default prompt), capped so each row keeps at least one own token, so the last column is real in
     every row. k is 0 for a single row. `prefill` runs those k tokens once for the batch. `positions(mask)` counts
     each row's real tokens, so every token sits where it would without the padding."""
-    k = min(map(len, rows)) - 1 if len(rows) > 1 else 0
-    for r in rows[1:]:
-        k = min(k, next((j for j, (x, y) in enumerate(zip(rows[0], r, strict=False)) if x != y), k))
+    k = min([len(r) - 1 for r in rows] + [common_prefix(rows[0], r) for r in rows[1:]]) if len(rows) > 1 else 0
     width = k + max(len(r) - k for r in rows)
     ids = torch.full((len(rows), width), pad_id)
     mask = torch.zeros(len(rows), width, dtype=torch.long)

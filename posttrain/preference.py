@@ -23,15 +23,6 @@ from posttrain import io, modeling, progress
 TOKEN_COLUMNS = ("ref_chosen_tok", "ref_rejected_tok", "rhat_chosen_tok", "rhat_rejected_tok")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def encode(tok, pair: dict, max_len: int) -> dict[str, list[int]]:
     """Token ids of prompt, chosen and rejected through the chat template (as TRL does for conversational data),
     with each completion cut so that prompt + completion fits `max_len` (the collator's keep_start truncation).
@@ -48,7 +39,7 @@ def encode(tok, pair: dict, max_len: int) -> dict[str, list[int]]:
     for side in ("chosen", "rejected"):
         full[side] = tok.apply_chat_template(prompt + [{"role": "assistant", "content": start + pair[side]}],
                                              tokenize=True, return_dict=True)["input_ids"]
-    n = min(_common_prefix(p, full["chosen"]), _common_prefix(p, full["rejected"]))
+    n = min(modeling.common_prefix(p, full["chosen"]), modeling.common_prefix(p, full["rejected"]))
     out["prompt_ids"] = p[:n]
     for side in ("chosen", "rejected"):
         out[f"{side}_ids"] = full[side][n:][: max(0, max_len - n)]
@@ -103,7 +94,7 @@ class PairCollator:
             out["completion_mask"][i, : len(ids)] = 1
         out["shared_mask"] = torch.zeros(b, c, dtype=torch.long)
         for i, e in enumerate(examples):
-            out["shared_mask"][i, : _common_prefix(e["chosen_ids"], e["rejected_ids"])] = 1
+            out["shared_mask"][i, : modeling.common_prefix(e["chosen_ids"], e["rejected_ids"])] = 1
         for name in ("ref", "rhat"):
             if f"{name}_chosen_tok" not in examples[0]:
                 continue

@@ -21,7 +21,7 @@ def hand_batch(workdir, tmp_path_factory):
     pairs = [{"id": "a", "prompt": q, "chosen": "47 + 38 = 85", "rejected": "47 + 38 = 86, I think"},
              {"id": "b", "prompt": q, "chosen": "85", "rejected": "It is 86"}]
     rows, _ = preference.encoded_rows(tok, pairs, 96, "hand")
-    shared = [preference._common_prefix(r["chosen_ids"], r["rejected_ids"]) for r in rows]
+    shared = [modeling.common_prefix(r["chosen_ids"], r["rejected_ids"]) for r in rows]
     assert shared[0] >= 5 and shared[1] == 0
     rhat = lambda n, k, sign: [0.5 - 0.2 * t if t < k else sign * (1.0 + 0.3 * t) for t in range(n)]  # noqa: E731
     ref, guide = [], []
