@@ -121,6 +121,29 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, k: int):
                  past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
+def completions_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix_len: int,
+                        comp_ids: torch.Tensor, comp_mask: torch.Tensor, index: torch.Tensor, hidden: bool = False):
+    """Per-token log-probs (N, C) of N right-padded completions, completion i continuing prompt `index[i]` of a
+    `shared_prefix_batch` batch of prompts (B, P); 0 on padding. With `hidden`, also the last layer's hidden states
+    (N, C, H) at the completion's tokens, else None.
+
+    Each prompt runs once (`prefill`: the tokens every prompt shares once for the batch, then each prompt's own)
+    and its KV cache is repeated for the completions that continue it (a preference pair's two, a prompt's n
+    samples), instead of once per completion as a forward over whole sequences runs it; prompts ~10x longer than
+    answers make that most of a step. Gradients flow through the caches, so the result (and its gradient) equals
+    a forward over each whole sequence up to float rounding."""
+    first = prefill(model, prompt_ids, prompt_mask, prefix_len)
+    cache = first.past_key_values
+    cache.reorder_cache(index)  # (B, ...) -> (N, ...): each completion's own prompt
+    comp_pos = prompt_mask.sum(-1, keepdim=True)[index] + torch.arange(comp_ids.size(1), device=comp_ids.device)
+    rest = model(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[index], comp_mask], dim=1),
+                 position_ids=comp_pos, past_key_values=cache, use_cache=False, output_hidden_states=hidden)
+    # token j of a completion is predicted by the previous position: the prompt's last for j = 0
+    logits = torch.cat([first.logits[:, -1:][index], rest.logits[:, :-1]], dim=1).float()
+    logps = torch.gather(logits.log_softmax(-1), 2, comp_ids[..., None]).squeeze(-1) * comp_mask
+    return logps, (rest.hidden_states[-1] if hidden else None)
+
+
 def load_tokenizer(model_dir: str | Path, padding_side: str = "left"):
     from transformers import AutoTokenizer
 

@@ -110,29 +110,20 @@ class PairCollator:
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token log-probs (2B, C) of the [chosen; rejected] completions of a `PairCollator` batch, 0 on padding.
+    """Per-token log-probs (2B, C) of the [chosen; rejected] completions of a `PairCollator` batch, 0 on padding:
+    `modeling.completions_forward`, each prompt run once for its two completions (and the tokens every prompt of the
+    batch shares, `prefix_len`, once for the batch)."""
+    return modeling.completions_forward(model, *pair_inputs(model, batch))[0]
 
-    The prompt, shared by both completions, runs once (its KV cache is repeated for the two), instead of twice as
-    in TRL's concatenated forward; with prompts ~10x longer than answers this halves a step. And the tokens every
-    prompt of the batch shares (`prefix_len`: the system prompt and template) run once for the batch
-    (`modeling.prefill`). Gradients flow through the caches, so the result (and its gradient) equals the
-    concatenated forward up to float rounding.
-    """
+
+def pair_inputs(model, batch: dict[str, torch.Tensor]) -> tuple:
+    """A `PairCollator` batch as `modeling.completions_forward`'s arguments (on the model's device): completion i
+    of the [chosen; rejected] 2B continues prompt i mod B."""
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
-    comp_ids, comp_mask = batch["completion_ids"].to(device), batch["completion_mask"].to(device)
-    b = prompt_ids.size(0)
-    first = modeling.prefill(model, prompt_ids, prompt_mask, int(batch.get("prefix_len", 0)))
-    cache = first.past_key_values
-    twice = torch.cat([torch.arange(b), torch.arange(b)]).to(device)
-    cache.reorder_cache(twice)  # (B, ...) -> (2B, ...) as [prompt; prompt]
-    comp_pos = prompt_mask.sum(-1, keepdim=True)[twice] + torch.arange(comp_ids.size(1), device=device)
-    rest = model(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[twice], comp_mask], dim=1),
-                 position_ids=comp_pos, past_key_values=cache, use_cache=False)
-    # token j of a completion is predicted by the previous position: the prompt's last for j = 0
-    logits = torch.cat([first.logits[:, -1:][twice], rest.logits[:, :-1]], dim=1).float()
-    logps = torch.gather(logits.log_softmax(-1), 2, comp_ids[..., None]).squeeze(-1)
-    return logps * comp_mask
+    b = batch["prompt_ids"].size(0)
+    return (batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), int(batch.get("prefix_len", 0)),
+            batch["completion_ids"].to(device), batch["completion_mask"].to(device),
+            torch.cat([torch.arange(b), torch.arange(b)]).to(device))
 
 
 @torch.no_grad()

@@ -13,8 +13,9 @@ backbone barely learns arithmetic correctness from pairs (shared/reference/MEASU
 sums, against 0.92 for the SFT model's own likelihood); the language model's token log-probs already carry it, so
 the reward starts as the SFT model's log-likelihood of the conversation and training moves the head, the adapter
 and the scale from there. The stages report the held-out accuracy before training too, so what training adds shows.
-Over a pair, the prompt's log-probs are the same on both sides and cancel in r_w - r_l. So `score` (the reward every
-judge and metric reads) leaves them out: r(x, y) = w . h_last + a * sum over the response's tokens only. Every
+Over a pair, the prompt's log-probs are the same on both sides and cancel in r_w - r_l. So training (a
+`preference.PairCollator` batch through `forward`: each prompt run once for both answers) and `score` (the reward
+every judge and metric reads) leave them out: r(x, y) = w . h_last + a * sum over the response's tokens only. Every
 comparison on one prompt is unchanged, and rewards compare across prompts, which `calibrate` needs: the reward above
 which a response looks like a chosen one rather than a rejected one (the `label` stage's floor).
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posttrain import progress
+from posttrain import modeling, progress
 
 
 class RewardModel(torch.nn.Module):
@@ -66,9 +67,36 @@ class RewardModel(torch.nn.Module):
         head, logp = self._parts(input_ids, attention_mask)
         return head + self.scale * logp
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, **_trainer_kwargs) -> SimpleNamespace:
-        """Sequence rewards as `.logits` (B, 1), read at the last non-pad token (right padding), as TRL expects.
-        RewardTrainer also passes `use_cache=False`, which the inner call sets anyway."""
+    def completion_rewards(self, prompt_ids: Tensor, prompt_mask: Tensor, prefix_len: int, completion_ids: Tensor,
+                           completion_mask: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Rewards of completions continuing prompts (`posttrain.modeling.completions_forward`: each prompt run once
+        for all its completions): (N, C) token rewards r_t = w . h_t + a * log p(token_t | tokens_<t) on the
+        completion's tokens (0 on padding), and (N,) sequence rewards w . h_last + a * sum of the completion's
+        log-probs. The prompt's log-probs are left out: over a pair they are the same on both sides and cancel."""
+        logp, hidden = modeling.completions_forward(self.lm, prompt_ids, prompt_mask, prefix_len, completion_ids,
+                                                    completion_mask, index, hidden=True)
+        head = self.score(hidden).squeeze(-1).float()
+        tokens = (head + self.scale * logp) * completion_mask
+        last = completion_mask.sum(-1) - 1
+        return tokens, head[torch.arange(len(last)), last] + self.scale * logp.sum(-1)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                prompt_ids: Tensor | None = None, prompt_mask: Tensor | None = None, prefix_len: int = 0,
+                completion_ids: Tensor | None = None, completion_mask: Tensor | None = None,
+                **_trainer_kwargs) -> SimpleNamespace:
+        """Sequence rewards as `.logits` (B, 1).
+        - Whole sequences (`input_ids`, right padding): read at the last non-pad token, the log-probs summed over
+          every token, as TRL's default reward-model forward.
+        - A `posttrain.preference.PairCollator` batch (`prompt_ids`, ..., what the reward stages train on): the
+          [chosen; rejected] completions' rewards (`completion_rewards`), each prompt run once for both, and
+          `.token_rewards` (2B, C).
+        Trainers also pass `use_cache=False` and the like, which the inner calls set anyway."""
+        if prompt_ids is not None:
+            b = prompt_ids.size(0)
+            index = torch.cat([torch.arange(b), torch.arange(b)]).to(prompt_ids.device)
+            tokens, r = self.completion_rewards(prompt_ids, prompt_mask, prefix_len, completion_ids,
+                                                completion_mask, index)
+            return SimpleNamespace(logits=r[:, None], token_rewards=tokens)
         head, logp = self._parts(input_ids, attention_mask)
         last = attention_mask.sum(-1) - 1
         r = head[torch.arange(len(last)), last] + self.scale * logp.sum(-1)
@@ -168,36 +196,35 @@ def load(path: str | Path, device: torch.device, trust_remote_code: bool = False
     return model, modeling.stage_tokenizer(backbone(path), padding_side="right")
 
 
-def _prompt_length(tok, conversation: list[dict], ids: list[int]) -> int:
-    """Tokens of the conversation before its last (assistant) turn's content: the templated prompt with its
-    generation prompt, when the full conversation's tokens start with it (else 0: the whole sequence counts)."""
-    prompt = tok.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=True,
-                                     return_dict=True)["input_ids"]
-    return len(prompt) if ids[: len(prompt)] == prompt else 0
-
-
 @torch.no_grad()
 def score(model, tok, conversations: list[list[dict]], batch_size: int = 32, max_len: int = 512) -> list[float]:
     """Reward of each conversation's last turn (prompt messages + the assistant turn, through the chat template):
-    the head at the last token plus the scaled log-probs of the response's tokens (the prompt's are left out)."""
+    the head at the last token plus the scaled log-probs of the response's tokens (the prompt's are left out).
+    The response is what follows the templated prompt with its generation prompt (`preference.encode`'s split),
+    cut so that the whole fits `max_len`; a prompt that leaves it no room keeps its last token as the response.
+    A batch runs each distinct prompt once (`RewardModel.completion_rewards`): n samples of a prompt, or a pair's two
+    answers, share its forward."""
     device = next(model.parameters()).device
     out: list[float] = []
     bar = progress.Progress("scoring", len(conversations), "answer")
     for start in range(0, len(conversations), batch_size):
-        convs = conversations[start : start + batch_size]
-        ids = [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"][:max_len] for c in convs]
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), tok.pad_token_id)
-        mask = torch.zeros(len(ids), width, dtype=torch.long)
-        response = torch.zeros(len(ids), width)
-        for i, (row, conv) in enumerate(zip(ids, convs, strict=True)):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            response[i, _prompt_length(tok, conv, row) : len(row)] = 1
-        head, logp = model._parts(input_ids.to(device), mask.to(device))
-        last = mask.sum(-1) - 1
-        r = head[torch.arange(len(ids)), last.to(device)] + model.scale * (logp * response.to(device)).sum(-1)
+        prompts: dict[tuple, int] = {}
+        index, comps = [], []
+        for conv in conversations[start : start + batch_size]:
+            full = tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"][:max_len]
+            prompt = tok.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+            n = min(modeling.common_prefix(prompt, full), len(full) - 1)
+            index.append(prompts.setdefault(tuple(full[:n]), len(prompts)))
+            comps.append(full[n:])
+        k, prompt_ids, prompt_mask = modeling.shared_prefix_batch([list(p) for p in prompts], tok.pad_token_id)
+        comp_ids = torch.full((len(comps), max(map(len, comps))), tok.pad_token_id)
+        comp_mask = torch.zeros(comp_ids.shape, dtype=torch.long)
+        for i, c in enumerate(comps):
+            comp_ids[i, : len(c)], comp_mask[i, : len(c)] = torch.tensor(c), 1
+        _, r = model.completion_rewards(prompt_ids.to(device), prompt_mask.to(device), k, comp_ids.to(device),
+                                        comp_mask.to(device), torch.tensor(index, device=device))
         out += r.float().cpu().tolist()
-        bar.update(len(ids), int(mask.sum()))
+        bar.update(len(comps), int(prompt_mask.sum() + comp_mask.sum()))
     bar.close()
     return out

@@ -41,20 +41,21 @@ def bradley_terry(e_chosen: Tensor, e_rejected: Tensor) -> Tensor:
     return -F.logsigmoid(e_chosen - e_rejected)
 
 
-def token_rewards(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B, T) r_phi at each position: the reward of token a_t given s_t."""
-    return model.token_rewards(input_ids, attention_mask)
+def token_rewards(model, batch: dict[str, Tensor]) -> Tensor:
+    """(2B, C) r_phi of each [chosen; rejected] completion token of a `posttrain.preference.PairCollator` batch
+    (0 on padding): the reward of token a_t given s_t, each prompt run once for both completions."""
+    return model(**batch).token_rewards
 
 
 class TokenRewardTrainer(Trainer):
-    """Trainer whose loss is Bradley-Terry on aggregated token rewards; batch is [chosen, rejected]."""
+    """Trainer whose loss is Bradley-Terry on aggregated token rewards; a PairCollator batch, [chosen, rejected]."""
 
     def __init__(self, *args, aggregator: str, tau: float, **kwargs):
         self.aggregator, self.tau = AGGREGATORS[aggregator], tau
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        r = token_rewards(model, inputs["input_ids"], inputs["attention_mask"])
+        r = token_rewards(model, inputs)
         e = self.aggregator(r, inputs["completion_mask"].float(), self.tau)
         e_w, e_l = e.chunk(2, dim=0)
         loss = bradley_terry(e_w, e_l).mean()

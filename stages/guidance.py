@@ -51,7 +51,7 @@ def run(common, params: GuidanceParams, args) -> dict:
         values = [{"id": h["id"], **{side: [a - b for a, b in zip(h[side], ref[h["id"]][side], strict=True)]
                                      for side in ("chosen", "rejected")}} for h in hat]
     else:
-        values = _token_reward_values(args.model, tok, rows, params.batch_size, common.max_len, device, source.scale)
+        values = _token_reward_values(args.model, tok, rows, params.batch_size, device, source.scale)
     flat = [x for v in values for side in ("chosen", "rejected") for x in v[side]]
     with io.atomic_dir(args.out) as tmp:
         preference.write_token_values(tmp / "rhat.jsonl", values)
@@ -60,25 +60,23 @@ def run(common, params: GuidanceParams, args) -> dict:
 
 
 @torch.no_grad()
-def _token_reward_values(path, tok, rows, batch_size: int, max_len: int, device, scale: float) -> list[dict]:
-    # TRL and transformers' Trainer are imported for this kind only: the dpo kind starts ~5 s sooner without them
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    from posttrain import token_reward
+def _token_reward_values(path, tok, rows, batch_size: int, device, scale: float) -> list[dict]:
+    from posttrain import token_reward  # transformers' Trainer: imported for this kind only
 
     model = reward.load_model(path, device)
-    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_len)
+    collate = preference.PairCollator(pad_token_id=tok.pad_token_id)
     out = []
     with progress.Progress("token rewards", len(rows), "pair") as bar:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            b = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk])
-            r = token_reward.token_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device))
+            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(
+                [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk]).items()}
+            r = token_reward.token_rewards(model, b)
             mask = b["completion_mask"].bool()
             n = len(chunk)
             out += [{"id": row["id"], "chosen": r[i][mask[i]].tolist(), "rejected": r[n + i][mask[n + i]].tolist()}
                     for i, row in enumerate(chunk)]
-            bar.update(n, int(b["attention_mask"].sum()))
+            bar.update(n, int(b["prompt_mask"].sum() + b["completion_mask"].sum()))
     flat = torch.tensor([x for v in out for side in ("chosen", "rejected") for x in v[side]])
     mean, std = float(flat.mean()), float(flat.std().clamp(min=1e-6))
     return [{"id": v["id"], **{side: [scale * (x - mean) / std for x in v[side]] for side in ("chosen", "rejected")}}

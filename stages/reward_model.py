@@ -110,8 +110,9 @@ def _conversation(pair: dict, side: str) -> list[dict]:
 
 
 def heldout_rewards(model, tok, pairs: list[dict], max_len: int) -> tuple[list[float], list[float]]:
-    return (reward.score(model, tok, [_conversation(p, "chosen") for p in pairs], max_len=max_len),
-            reward.score(model, tok, [_conversation(p, "rejected") for p in pairs], max_len=max_len))
+    """(chosen rewards, rejected rewards), scored side by side so that a pair's prompt runs once for both."""
+    r = reward.score(model, tok, [_conversation(p, s) for p in pairs for s in ("chosen", "rejected")], max_len=max_len)
+    return r[0::2], r[1::2]
 
 
 def accuracy(chosen: list[float], rejected: list[float]) -> float:
@@ -142,6 +143,38 @@ def agreement(model, tok, rows: list[dict], max_len: int, seed: int) -> dict[str
             "best_of_n_pass_rate": best / n, "mean_pass_rate": mean / n, "agreement_prompts": len(groups)}
 
 
+def pair_reward_trainer(reward_trainer: type) -> type:
+    """TRL's RewardTrainer (passed in: TRL is imported by `run` only) on `posttrain.preference.PairCollator`
+    batches of `preference.encode`d pairs: the RewardModel's forward runs each prompt once for its chosen and
+    rejected answers (TRL's own runs it twice, as two whole sequences), and the rewards leave the prompt's log-probs
+    out, which cancel in r_chosen - r_rejected. The loss is TRL's, -log sigma(r_chosen - r_rejected)."""
+
+    class PairRewardTrainer(reward_trainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already encoded by preference.encode
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            outputs = model(**inputs)
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+            m = self._metrics[mode]
+            if mode == "train":  # tokens as TRL counts them: prompt + chosen, prompt + rejected
+                self._total_train_tokens += int(2 * inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+            m["num_tokens"] = [self._total_train_tokens]
+            with torch.no_grad():
+                m["mean_reward"].append(outputs.logits.mean().item())
+                m["accuracy"].append((chosen > rejected).float().mean().item())
+                m["margin"].append((chosen - rejected).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return PairRewardTrainer
+
+
 def run(common, params: RewardModelParams, args) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -170,15 +203,18 @@ def run(common, params: RewardModelParams, args) -> dict:
     model = reward.build(modeling.load_chain(args.model, device, common.trust_remote_code),
                          params.lora_params if params.lora else None)
     initial = accuracy(*heldout_rewards(model.eval(), tok, held, common.max_len))
-    data = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in train])
+    try:
+        rows, dropped = preference.encoded_rows(tok, train, common.max_len, args.rm_samples or args.prefs)
+    except io.InputError as e:
+        raise io.InputError(f"{e} (reward_model: the training pairs of --prefs and --rm-samples)") from e
     cfg = RewardConfig(
         output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size, max_length=common.max_len,
-        logging_steps=params.logging_steps, seed=common.seed,
+        logging_steps=params.logging_steps, seed=common.seed, remove_unused_columns=False,
         **training.device_args(device) | {"save_strategy": "no"})  # a few minutes; a checkpoint would be the whole LM
-    trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
-                            callbacks=[training.StopOnNaN()])
+    trainer = pair_reward_trainer(RewardTrainer)(
+        model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+        data_collator=preference.PairCollator(pad_token_id=tok.pad_token_id), callbacks=[training.StopOnNaN()])
     training.log_lines(trainer, "reward_model")
     result = trainer.train()
     model.eval()
@@ -187,7 +223,8 @@ def run(common, params: RewardModelParams, args) -> dict:
     metrics = {"heldout_accuracy": accuracy(chosen, rejected), "heldout_accuracy_initial": initial,
                "scale": float(model.scale.detach()), "train_pairs": len(train), "heldout_pairs": len(held),
                "ranked_pairs": len(ranked), "offline_pairs": len(offline),
-               "train_loss": result.training_loss} | {f"ranked_{k}": v for k, v in counts.items()}
+               "train_loss": result.training_loss} | {f"ranked_{k}": v for k, v in counts.items()} | {
+                   f"dropped_{k}": v for k, v in dropped.items()}
     metrics |= agreement(model, tok, samples, common.max_len, common.seed)
     resolved = {"reward_model": config.to_dict(params), "common": config.to_dict(common)}
     if calibration:

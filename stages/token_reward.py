@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from posttrain import cli, config, io, modeling, preference, reward, training
 from posttrain import token_reward as tr
@@ -46,16 +45,17 @@ class TokenRewardParams:
 
 
 @torch.no_grad()
-def accuracy(model, tok, rows: list[dict], max_len: int, tau: float, batch_size: int = 16) -> dict[str, float]:
+def accuracy(model, tok, rows: list[dict], tau: float, batch_size: int = 16) -> dict[str, float]:
     """Held-out pair accuracy of e_phi(chosen) > e_phi(rejected) under each aggregator."""
-    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_len)
+    collate = preference.PairCollator(pad_token_id=tok.pad_token_id)
     right = {name: 0 for name in tr.AGGREGATORS}
     device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
-        b = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-                     for r in rows[start : start + batch_size]])
-        r = tr.token_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device))
-        mask = b["completion_mask"].to(device).float()
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(
+            [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows[start : start + batch_size]]
+        ).items()}
+        r = tr.token_rewards(model, b)
+        mask = b["completion_mask"].float()
         for name, f in tr.AGGREGATORS.items():
             e_w, e_l = f(r, mask, tau).chunk(2)
             right[name] += int((e_w > e_l).sum())
@@ -75,7 +75,7 @@ def run(common, params: TokenRewardParams, args) -> dict:
     torch.manual_seed(common.seed)
     model = reward.build(modeling.load_chain(args.model, device, common.trust_remote_code),
                          params.lora_params if params.lora else None)
-    initial = accuracy(model.eval(), tok, held, common.max_len, params.tau)
+    initial = accuracy(model.eval(), tok, held, params.tau)
     targs = TrainingArguments(
         output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,
@@ -83,11 +83,11 @@ def run(common, params: TokenRewardParams, args) -> dict:
         **training.device_args(device) | {"save_strategy": "no"})  # a few minutes; a checkpoint would be the whole LM
     trainer = tr.TokenRewardTrainer(
         model=model, args=targs, train_dataset=Dataset.from_list(train),
-        data_collator=DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=common.max_len),
+        data_collator=preference.PairCollator(pad_token_id=tok.pad_token_id),
         callbacks=[training.StopOnNaN()], aggregator=params.aggregator, tau=params.tau)
     training.log_lines(trainer, "token_reward")
     result = trainer.train()
-    metrics = accuracy(model.eval(), tok, held, common.max_len, params.tau) | {
+    metrics = accuracy(model.eval(), tok, held, params.tau) | {
         f"{k}_initial": v for k, v in initial.items()} | {"scale": float(model.scale.detach())}
     resolved = {"token_reward": config.to_dict(params), "common": config.to_dict(common)}
     reward.save(model, args.out, args.model, resolved)

@@ -99,3 +99,74 @@ def test_calibrate_picks_the_lowest_best_threshold():
     assert reward.calibrate([5.0], [-1.0])["accuracy"] == 1.0
     with pytest.raises(ValueError, match="as many chosen as rejected"):
         reward.calibrate([1.0], [])
+
+
+def _pairs(tok):
+    """Three pairs whose prompts differ in length (so the batch pads them) and whose answers share a first token."""
+    qs = ["What is 2 + 2?", "What is 123 + 456? Reply with only the number, please.", "Hi"]
+    answers = [("4", "5"), ("579", "57 and more"), ("Hello there", "Hello")]
+    return [{"id": f"p{i}", "prompt": [{"role": "user", "content": q}], "chosen": c, "rejected": r}
+            for i, (q, (c, r)) in enumerate(zip(qs, answers, strict=True))]
+
+
+def test_the_pair_forward_equals_whole_sequences_and_trains_the_same(workdir):
+    """The reward stages' forward over a PairCollator batch (each prompt once, its cache shared by both answers and
+    the batch's common prefix run once) gives the whole-sequence forward's token rewards on every answer token, the
+    same r_chosen - r_rejected per pair (the prompt's log-probs, left out, cancel), so the same Bradley-Terry loss
+    and the same gradients on the head, the scale and the LoRA weights."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from posttrain import preference
+
+    torch.manual_seed(0)
+    model = reward.build(modeling.load_chain(workdir / "models/base"), training.LoraParams(r=4, alpha=8))
+    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n == "score.weight":
+                p.normal_(0, 0.05)
+        model.scale.fill_(0.7)
+    rows = [preference.encode(tok, p, 96) for p in _pairs(tok)]
+    pair = preference.PairCollator(pad_token_id=tok.pad_token_id)(rows)
+    assert pair["prefix_len"] > 0 and len(set(map(len, (r["prompt_ids"] for r in rows)))) == 3
+    whole = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=96)(rows)
+
+    def loss_and_grads(out_logits):
+        c, r = out_logits.squeeze(-1).chunk(2)
+        loss = -torch.nn.functional.logsigmoid(c - r).mean()
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), c.detach() - r.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                       if p.requires_grad}
+
+    got = model(**pair)
+    want_tokens = model.token_rewards(whole["input_ids"], whole["attention_mask"]).detach()
+    mask = whole["completion_mask"].bool()
+    for i in range(6):  # [chosen; rejected]: the same token rewards on the answer's tokens
+        n = int(pair["completion_mask"][i].sum())
+        torch.testing.assert_close(got.token_rewards[i, :n].detach(), want_tokens[i][mask[i]], atol=1e-4, rtol=1e-4)
+    loss, margin, grads = loss_and_grads(got.logits)
+    want_loss, want_margin, want_grads = loss_and_grads(model(whole["input_ids"], whole["attention_mask"]).logits)
+    torch.testing.assert_close(margin, want_margin, atol=1e-4, rtol=1e-4)
+    assert float(loss) == pytest.approx(float(want_loss), abs=1e-5)
+    assert {"score.weight", "scale"} <= set(grads) and len(grads) > 2
+    for n, g in grads.items():
+        assert float(g.abs().max()) > 0, n
+        torch.testing.assert_close(g, want_grads[n], atol=1e-5, rtol=1e-3)
+
+
+def test_score_of_a_batch_equals_each_answer_scored_alone(workdir):
+    """reward.score groups a batch's answers by prompt and pads prompts of different lengths: each reward equals the
+    same conversation scored alone."""
+    torch.manual_seed(0)
+    model = reward.build(modeling.load_chain(workdir / "models/base")).eval()
+    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+    with torch.no_grad():
+        torch.nn.init.normal_(model.score.weight, std=0.5)
+        model.scale.fill_(0.3)
+    convs = [p["prompt"] + [{"role": "assistant", "content": p[side]}]
+             for p in _pairs(tok) for side in ("chosen", "rejected")]
+    together = reward.score(model, tok, convs)
+    alone = [reward.score(model, tok, [c])[0] for c in convs]
+    assert together == pytest.approx(alone, abs=1e-4)
+    assert len({round(x, 3) for x in together}) == 6
