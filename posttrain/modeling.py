@@ -113,12 +113,17 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, k: int):
     then repeated per row) and the rest per row: the model's output for the columns after k, whose
     `past_key_values` cover every column and whose logits are the last column's. Gradients flow through the
     repeated cache, so a trained prefix gets the sum of its rows' gradients, as if each row had run it."""
-    cache = None
-    if k:
-        cache = model(input_ids=ids[:1, :k], use_cache=True, logits_to_keep=1).past_key_values
-        cache.batch_repeat_interleave(ids.size(0))
+    cache = shared_cache(model, ids[:1, :k], ids.size(0))[0] if k else None
     return model(input_ids=ids[:, k:], attention_mask=mask, position_ids=positions(mask)[:, k:],
                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def shared_cache(model, prefix: torch.Tensor, rows: int):
+    """(KV cache, last logits (1, 1, V)) of a (1, k) prefix run once, the cache repeated for `rows` rows that all
+    start with it. Gradients flow through the repeat: the prefix gets the sum of its rows' gradients."""
+    out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+    out.past_key_values.batch_repeat_interleave(rows)
+    return out.past_key_values, out.logits
 
 
 def completions_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix_len: int,

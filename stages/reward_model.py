@@ -36,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from trl import RewardConfig, RewardTrainer
 
 from posttrain import cli, config, io, modeling, preference, reward, tasks, training
 
@@ -143,41 +144,37 @@ def agreement(model, tok, rows: list[dict], max_len: int, seed: int) -> dict[str
             "best_of_n_pass_rate": best / n, "mean_pass_rate": mean / n, "agreement_prompts": len(groups)}
 
 
-def pair_reward_trainer(reward_trainer: type) -> type:
-    """TRL's RewardTrainer (passed in: TRL is imported by `run` only) on `posttrain.preference.PairCollator`
-    batches of `preference.encode`d pairs: the RewardModel's forward runs each prompt once for its chosen and
-    rejected answers (TRL's own runs it twice, as two whole sequences), and the rewards leave the prompt's log-probs
-    out, which cancel in r_chosen - r_rejected. The loss is TRL's, -log sigma(r_chosen - r_rejected)."""
+class PairRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer on `posttrain.preference.PairCollator` batches of `preference.encode`d pairs: the
+    RewardModel's forward runs each prompt once for its chosen and rejected answers (TRL's own runs it twice, as two
+    whole sequences), and the rewards leave the prompt's log-probs out, which cancel in r_chosen - r_rejected. The
+    loss is TRL's, -log sigma(r_chosen - r_rejected)."""
 
-    class PairRewardTrainer(reward_trainer):
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset  # already encoded by preference.encode
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # already encoded by preference.encode
 
-        def _set_signature_columns_if_needed(self):
-            if self._signature_columns is None:
-                self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mode = "train" if self.model.training else "eval"
-            outputs = model(**inputs)
-            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-            loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
-            m = self._metrics[mode]
-            if mode == "train":  # tokens as TRL counts them: prompt + chosen, prompt + rejected
-                self._total_train_tokens += int(2 * inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
-            m["num_tokens"] = [self._total_train_tokens]
-            with torch.no_grad():
-                m["mean_reward"].append(outputs.logits.mean().item())
-                m["accuracy"].append((chosen > rejected).float().mean().item())
-                m["margin"].append((chosen - rejected).mean().item())
-            return (loss, outputs) if return_outputs else loss
-
-    return PairRewardTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        outputs = model(**inputs)
+        chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        m = self._metrics[mode]
+        if mode == "train":  # tokens as TRL counts them: prompt + chosen, prompt + rejected
+            self._total_train_tokens += int(2 * inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+        m["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            m["mean_reward"].append(outputs.logits.mean().item())
+            m["accuracy"].append((chosen > rejected).float().mean().item())
+            m["margin"].append((chosen - rejected).mean().item())
+        return (loss, outputs) if return_outputs else loss
 
 
 def run(common, params: RewardModelParams, args) -> dict:
     from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
 
     offline = io.read_jsonl(args.prefs, "prefs", allow_empty=True)
     rm_rows = io.read_jsonl(args.rm_samples, "samples", allow_empty=True) if args.rm_samples else []
@@ -212,7 +209,7 @@ def run(common, params: RewardModelParams, args) -> dict:
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size, max_length=common.max_len,
         logging_steps=params.logging_steps, seed=common.seed, remove_unused_columns=False,
         **training.device_args(device) | {"save_strategy": "no"})  # a few minutes; a checkpoint would be the whole LM
-    trainer = pair_reward_trainer(RewardTrainer)(
+    trainer = PairRewardTrainer(
         model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
         data_collator=preference.PairCollator(pad_token_id=tok.pad_token_id), callbacks=[training.StopOnNaN()])
     training.log_lines(trainer, "reward_model")

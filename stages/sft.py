@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+from trl import SFTTrainer
+
 from posttrain import cli, config, io, modeling, training
 
 
@@ -56,9 +59,63 @@ def to_prompt_completion(rows: list[dict], tok, max_len: int) -> tuple[list[dict
     return out, dropped, longest
 
 
+def shared_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many leading columns of a right-padded batch every row has, with the same ids (the system prompt and
+    template of a chat batch), and no label among them, so the first label is still predicted from the prefix's
+    last position. 0 when fewer than 2 (nothing worth sharing) or for a single row."""
+    if input_ids.size(0) < 2:
+        return 0
+    same = ((input_ids == input_ids[:1]) & (attention_mask == 1) & (labels == -100)).all(0)
+    k = int(same.long().cumprod(0).sum())
+    return k if k >= 2 else 0
+
+
+class PrefixSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer whose forward runs the columns every row of a batch shares (`shared_columns`: the system
+    prompt and template, about half of a default demo) once for the batch (`modeling.shared_cache`), the rest per
+    row. The loss is TRL's negative log-likelihood of the completion tokens over `num_items_in_batch` (or the
+    batch's completion tokens), so results equal TRL's forward up to float rounding; TRL's own path runs where this
+    one does not apply (no shared columns, label smoothing, another loss_type, a custom loss, MoE aux loss,
+    padding-free batches)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+        plain = (return_outputs or mask is None or labels is None or self.aux_loss_enabled
+                 or self.compute_loss_func is not None or self.label_smoother is not None
+                 or self.args.loss_type != "nll")
+        k = 0 if plain else shared_columns(ids, mask, labels)
+        if not k:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        cache, first = modeling.shared_cache(model, ids[:1, :k], ids.size(0))
+        positions = torch.arange(k, ids.size(1), device=ids.device).expand(ids.size(0), -1)
+        rest = model(input_ids=ids[:, k:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                     use_cache=False)
+        # column j >= k is predicted by column j - 1: the prefix's last for j = k
+        logits = torch.cat([first.expand(ids.size(0), -1, -1), rest.logits[:, :-1]], dim=1).float()
+        target, valid = labels[:, k:], labels[:, k:] != -100
+        logp = logits.log_softmax(-1)
+        token_logp = torch.gather(logp, 2, target.clamp(min=0)[..., None]).squeeze(-1) * valid
+        n = valid.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -token_logp.sum() / torch.as_tensor(n).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        with torch.no_grad():  # TRL's metrics: entropy and top-1 accuracy on the completion tokens
+            n_valid = self.accelerator.gather_for_metrics(valid.sum()).sum()
+            entropy = self.accelerator.gather_for_metrics((-(logp.exp() * logp).sum(-1) * valid).sum()).sum()
+            correct = self.accelerator.gather_for_metrics(((logits.argmax(-1) == target) & valid).sum()).sum()
+            m = self._metrics[mode]
+            m["entropy"].append((entropy / n_valid).item() if n_valid > 0 else 0.0)
+            m["mean_token_accuracy"].append((correct / n_valid).item() if n_valid > 0 else 0.0)
+            if mode == "train":
+                self._total_train_tokens += self.accelerator.gather_for_metrics(mask.sum()).sum().item()
+            m["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+
 def run(common, params: SftParams, args) -> dict:
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     rows = io.read_jsonl(args.data, "sft")
     device = modeling.device_for(common.device)
@@ -77,9 +134,9 @@ def run(common, params: SftParams, args) -> dict:
         gradient_accumulation_steps=params.grad_accum, max_length=common.max_len, completion_only_loss=True,
         logging_steps=params.logging_steps, save_steps=params.save_steps, seed=params.seed,
         lr_scheduler_type="cosine", **training.device_args(device))
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok,
-                         peft_config=training.lora_config(params.lora_params) if params.lora else None,
-                         callbacks=[training.StopOnNaN()])
+    trainer = PrefixSFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok,
+                               peft_config=training.lora_config(params.lora_params) if params.lora else None,
+                               callbacks=[training.StopOnNaN()])
     training.log_lines(trainer, "sft")
     result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
     training.save(trainer.model, args.out, base, parents,
