@@ -5,7 +5,7 @@ its table?
 
 For each revision, in order: a fresh clone checked out at it (bench/work/pair_before, pair_after), `make run` end
 to end with the environment `--venv` (installed once; no install is timed), its wall time and each stage's as
-`dvc repro` spent it (`bench.pipeline.stage_walls`), the eval table it printed, and the files its stages wrote
+`dvc repro` spent it (`bench.pipeline.stage_walls`) and as its MLflow run lasted (`mlflow_walls`), the eval table it printed, and the files its stages wrote
 (`bench.stage_metrics.FILES`). Then `speedup`: the after run's share of the before run's wall time, and per model
 whether the after run's pass rate lies inside the before run's 95% interval. Writes
 bench/results/main_job_pair.json through `bench.machine.write_results`, so both runs are one file at one
@@ -15,11 +15,26 @@ revision of this script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
 from bench import machine, pipeline, stage_metrics
+
+
+def mlflow_walls(repo: Path) -> dict[str, float]:
+    """Each stage's own time, as its MLflow run lasted (the clone's default SQLite store, `mlflow.db`): the stage's
+    work after its imports, without the process start and DVC's bookkeeping that `stage_dvc_wall_s` also counts; a
+    name run twice keeps its last run."""
+    db = repo / "mlflow.db"
+    if not db.is_file():
+        return {}
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        rows = con.execute("SELECT name, start_time, end_time FROM runs WHERE end_time IS NOT NULL "
+                           "ORDER BY start_time").fetchall()
+    return {name: round((end - start) / 1000, 1) for name, start, end in rows}
 
 
 def measure(repo: Path, rev: str, target: Path, venv: Path) -> dict:
@@ -35,6 +50,7 @@ def measure(repo: Path, rev: str, target: Path, venv: Path) -> dict:
     files = {k: json.loads((target / rel).read_text()) for k, rel in stage_metrics.FILES.items()
              if (target / rel).is_file()}
     return {"revision": sha, "make_run_s": round(run_s, 1), "stage_dvc_wall_s": walls,
+            "stage_mlflow_s": mlflow_walls(target),
             "eval_table": pipeline.eval_table(target), "stage_files": files}
 
 

@@ -150,3 +150,19 @@ def test_main_job_pair_compares_wall_time_and_pass_rates_against_the_before_inte
     s = main_job_pair.compare(before, run(900.0, {"dpo": after["eval_table"]["rows"]["dpo"]}))
     assert not s["same_rows"] and s["pass_rates"]["sft"] == {"before": 0.44, "after": None,
                                                              "inside_before_ci": False}
+
+
+def test_main_job_pair_reads_each_stage_runs_time_from_a_real_mlflow_store(tmp_path):
+    """Two runs logged by MLflow itself into a clone's `mlflow.db`, with set start and end times: their durations,
+    by run name; `sft` run twice keeps its last run (12.5 s, not 3 s); no store, no times."""
+    from mlflow.tracking import MlflowClient
+
+    from bench import main_job_pair
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("posttrain")
+    for name, start, end in (("sft", 1_000, 4_000), ("evaluate@dpo", 5_000, 6_250), ("sft", 7_000, 19_500)):
+        run = client.create_run(exp, start_time=start, run_name=name)
+        client.set_terminated(run.info.run_id, end_time=end)
+    assert main_job_pair.mlflow_walls(tmp_path) == {"sft": 12.5, "evaluate@dpo": 1.2}
+    assert main_job_pair.mlflow_walls(tmp_path / "none") == {}
