@@ -6,10 +6,10 @@ its table?
 For each revision, in order: a fresh clone checked out at it (bench/work/pair_before, pair_after), `make run` end
 to end with the environment `--venv` (installed once; no install is timed), its wall time and each stage's as
 `dvc repro` spent it (`bench.pipeline.stage_walls`) and as its MLflow run lasted (`mlflow_walls`), the eval table
-it printed, and the files its stages wrote (`bench.stage_metrics.FILES`). Then `speedup`: the after run's share of the before run's wall time, and per model
-whether the after run's pass rate lies inside the before run's 95% interval. Writes
-bench/results/main_job_pair.json through `bench.machine.write_results`, so both runs are one file at one
-revision of this script.
+it printed, and the files its stages wrote (`bench.stage_metrics.FILES`). Then `speedup`: the after run's share of
+the before run's wall time, and per model whether the after run's pass rate lies inside the before run's 95%
+interval. Writes bench/results/main_job_pair.json through `bench.machine.write_results`, so both runs are one file
+at one revision of this script.
 """
 
 from __future__ import annotations
