@@ -1,5 +1,6 @@
-"""The training forwards that run a batch's shared prefix once give TRL's own losses and gradients: the SFT
-trainer's (columns every row shares run once) against TRL's SFTTrainer on the same batch."""
+"""The forwards that run what a batch shares once give what the plain forwards give: the SFT trainer's loss and
+gradients against TRL's SFTTrainer, the preference pair's against TRL's concatenated forward, the sampler's tokens
+against `generate` on the repeated, left-padded prompts. (The reward models': tests/test_reward.py.)"""
 
 import pytest
 import torch
@@ -65,3 +66,55 @@ def test_shared_columns_stop_at_a_difference_a_pad_or_a_label():
     assert sft.shared_columns(ids, mask, labels) == 2  # a label at column 2: it must be predicted from column 1
     assert sft.shared_columns(ids[:, :4], torch.tensor([[1, 0, 0, 0]] * 3), none[:, :4]) == 0  # 1 column: none
     assert sft.shared_columns(ids[:1], mask[:1], none[:1]) == 0  # one row: nothing to share
+
+
+def test_shared_prompt_forward_equals_the_concatenated_forward(workdir):
+    """pair_logps runs each prompt once (KV cache repeated for both completions): same log-probs and gradients
+    as TRL's concatenated [prompt + chosen; prompt + rejected] forward, with prompts of different lengths."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from posttrain import preference
+
+    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+    model = modeling.load_chain(workdir / "models/base")
+    pairs = [{"id": str(i), "prompt": [{"role": "user", "content": "What is 1 + 2?" + " Go on." * i}],
+              "chosen": "3", "rejected": f"It is {i} or so"} for i in range(3)]
+    rows, _ = preference.encoded_rows(tok, pairs, 96, "x")
+    plain = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=96)(
+        [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows])
+    logits = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits[:, :-1]
+    want = torch.gather(logits.log_softmax(-1), 2, plain["input_ids"][:, 1:, None]).squeeze(-1)
+    shift = plain["completion_mask"][:, 1:].bool()
+    want.masked_fill(~shift, 0).sum().backward()
+    grads = {k: v.grad.clone() for k, v in model.named_parameters()}
+    model.zero_grad()
+    batch = preference.PairCollator(tok.pad_token_id)([{k: r[k] for k in ("prompt_ids", "chosen_ids",
+                                                                          "rejected_ids")} for r in rows])
+    assert batch["prompt_mask"].sum(-1).unique().numel() == 3, "prompts of three lengths (left padding)"
+    assert batch["prefix_len"] > 5, "the template and question the prompts share run once"
+    got = preference.pair_logps(model, batch)
+    for i in range(len(rows) * 2):
+        n = int(batch["completion_mask"][i].sum())
+        assert torch.allclose(got[i, :n], want[i][shift[i]], atol=1e-5)
+    got.sum().backward()
+    for k, v in model.named_parameters():  # float rounding only: relative to each tensor's largest entry
+        assert (v.grad - grads[k]).abs().max() <= 1e-5 * grads[k].abs().max(), k
+
+
+def test_shared_prefill_sampling_matches_plain_generate(workdir):
+    """Prefilling what the prompts share once, each prompt's own tokens once, and repeating the cache gives the
+    tokens generate gives for the repeated, left-padded prompts."""
+    from posttrain import sampling
+
+    tok = modeling.load_tokenizer(workdir / "models/base")
+    model = modeling.load_chain(workdir / "models/base")
+    prompts = [[{"role": "user", "content": "What is 12 + 30?"}], [{"role": "user", "content": "Hi"}]]
+    texts = [modeling.render_prompt(tok, p) for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    for n in (1, 3):
+        rows = tok(texts, add_special_tokens=False).input_ids
+        shared, width = sampling._generate_shared_prefill(model, rows, tok.pad_token_id, n, **kw)
+        plain = model.generate(input_ids=enc.input_ids.repeat_interleave(n, 0),
+                               attention_mask=enc.attention_mask.repeat_interleave(n, 0), **kw)
+        assert width == enc.input_ids.shape[1] and torch.equal(shared[:, width:], plain[:, width:])
