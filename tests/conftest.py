@@ -23,6 +23,20 @@ STARTUP_S = 180
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_S))
 
 
+# a worked task (three running totals) and a rejected answer whose first step is right: test_credit and
+# test_long_answers_bench build their pairs from it
+ADD3 = {"type": "chain_add", "operands": [55, 97, 23]}
+ADD3_PROMPT = [{"role": "user", "content": "Add 55, 97 and 23. Show each running total on its own line, then "
+                "'Answer: N'."}]
+ADD3_REJECTED = "55 + 97 = 152\n152 + 23 = 165\nAnswer: 165"
+
+
+def add3_pair(rejected: str, pid: str = "p0") -> dict:
+    from posttrain import tasks
+
+    return {"id": pid, "prompt": ADD3_PROMPT, "chosen": tasks.solve(ADD3), "rejected": rejected}
+
+
 def tiny_params(tmp: Path, **overrides) -> Path:
     """Write the tiny profile to `tmp/params.yaml` with its MLflow store in `tmp`; `overrides` replace blocks."""
     params = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())

@@ -6,10 +6,7 @@ import random
 import pytest
 
 from posttrain import credit, modeling, preference, tasks
-
-ADD3 = {"type": "chain_add", "operands": [55, 97, 23]}
-PROMPT = [{"role": "user", "content": "Add 55, 97 and 23. Show each running total on its own line, then 'Answer: N'."}]
-REJECTED = "55 + 97 = 152\n152 + 23 = 165\nAnswer: 165"
+from tests.conftest import ADD3, ADD3_PROMPT, ADD3_REJECTED, add3_pair
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +14,10 @@ def tok():
     return modeling.build_model("tiny", 0)[1]
 
 
-def _pair(rejected: str, pid: str = "p0") -> dict:
-    return {"id": pid, "prompt": PROMPT, "chosen": tasks.solve(ADD3), "rejected": rejected}
-
-
 def test_token_spans_tile_the_response(tok):
     """SmolLM2 splits digits one per token; the end-of-turn tokens (<|im_end|>, "\\n") lie outside the text."""
-    spans = credit.token_spans(tok, _pair(REJECTED), "rejected", max_len=256)
-    pieces = [REJECTED[s[0] : s[1]] if s else None for s in spans]
+    spans = credit.token_spans(tok, add3_pair(ADD3_REJECTED), "rejected", max_len=256)
+    pieces = [ADD3_REJECTED[s[0] : s[1]] if s else None for s in spans]
     assert pieces == ["5", "5", " +", " ", "9", "7", " =", " ", "1", "5", "2", "\n",
                       "1", "5", "2", " +", " ", "2", "3", " =", " ", "1", "6", "5", "\n",
                       "Answer", ":", " ", "1", "6", "5", None, None]
@@ -107,7 +100,7 @@ def test_displacement_and_paired_difference():
 
 
 def test_locate_and_attach(tok):
-    pairs = [_pair(REJECTED, "w"), {"id": "n", "prompt": PROMPT, "chosen": "85", "rejected": "86"}]
+    pairs = [add3_pair(ADD3_REJECTED, "w"), {"id": "n", "prompt": ADD3_PROMPT, "chosen": "85", "rejected": "86"}]
     specs = {"w": ADD3, "n": {"type": "number", "answer": 85}}
     located, skipped = credit.locate(tok, pairs, specs, max_len=256)
     assert skipped == {"not_a_worked_task": 1}
@@ -199,7 +192,7 @@ def test_credit_stage_blames_where_the_guidance_points_and_measures_displacement
     assert "| step | 6 | 1.000 [1.000, 1.000] |" in lines and "| noisy | 6 |" in lines
 
     # pairs of a task without steps: nothing to measure, no model loaded (the policies folder is not even there)
-    plain = [{"id": "a0", "prompt": PROMPT, "chosen": "85", "rejected": "86"}]
+    plain = [{"id": "a0", "prompt": ADD3_PROMPT, "chosen": "85", "rejected": "86"}]
     io.write_jsonl(tmp_path / "plain.jsonl", plain)
     io.write_jsonl(tmp_path / "plain_train.jsonl", [tasks.make_prompt("add", random.Random(0)) | {"id": "a0"}])
     swap = {str(tmp_path / a): str(tmp_path / b) for a, b in (("prefs.jsonl", "plain.jsonl"), ("policies", "absent"),

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from posttrain import credit, tasks
-from tests.test_credit import ADD3, PROMPT, REJECTED, _pair
+from tests.conftest import ADD3, ADD3_PROMPT, ADD3_REJECTED, add3_pair
 
 
 def test_bench_method_names_and_params(tmp_path):
@@ -111,7 +111,7 @@ def test_bench_refuses_a_repo_without_enough_worked_prompts(tmp_path):
     (tmp_path / "models/sft").mkdir(parents=True)
     (tmp_path / "models/sft/chain.json").write_text(json.dumps({"base": str(tmp_path / "models/base"),
                                                                 "adapters": []}))
-    rows = [{"id": f"w{i}", "task": "chain_add", "messages": PROMPT, "verifier": ADD3} for i in range(2)]
+    rows = [{"id": f"w{i}", "task": "chain_add", "messages": ADD3_PROMPT, "verifier": ADD3} for i in range(2)]
     (tmp_path / "data/prepare").mkdir(parents=True)
     for split in ("eval", "train"):
         (tmp_path / f"data/prepare/{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -121,7 +121,7 @@ def test_bench_refuses_a_repo_without_enough_worked_prompts(tmp_path):
     with pytest.raises(SystemExit, match="2 held-out prompts of worked tasks, --min-eval 500"):
         la.main(["--repo", str(tmp_path)])
     (tmp_path / "data/label").mkdir(parents=True)
-    (tmp_path / "data/label/prefs.jsonl").write_text(json.dumps(_pair(REJECTED, "w0")) + "\n")
+    (tmp_path / "data/label/prefs.jsonl").write_text(json.dumps(add3_pair(ADD3_REJECTED, "w0")) + "\n")
     with pytest.raises(SystemExit, match="1 response-level pairs, --min-pairs 400: raise prepare.n_train"):
         la.main(["--repo", str(tmp_path), "--min-eval", "2"])
     with pytest.raises(SystemExit, match="no step pairs for step_dpo"):

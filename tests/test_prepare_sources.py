@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 
-from posttrain import io, modeling, tasks
+from posttrain import formats, io, modeling, tasks
 from stages import evaluate, prepare, report
 from tests.conftest import ASSETS, tiny_params
-from tests.test_formats import U, _load
 
 FORMATS_DIR = ASSETS / "formats"
 
@@ -67,8 +66,8 @@ PREPARE_ERRORS = [
 @pytest.mark.parametrize(("block", "message"), PREPARE_ERRORS, ids=[m for _, m in PREPARE_ERRORS])
 def test_prepare_refuses_data_that_leaves_nothing_to_train_on(tmp_path, mlflow_db, block, message):
     if block["source"] == "CHAT":  # the case: chat rows with no assistant turn once exited 0
-        (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": [U | {"content": f"q{i}"}]}) + "\n"
-                                                     for i in range(2)))
+        rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(2)]
+        (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         block = block | {"source": str(tmp_path / "chat.jsonl")}
     with pytest.raises(SystemExit, match=message):
         _prepare(tmp_path, mlflow_db, **block)
@@ -103,7 +102,8 @@ def test_heldout_pair_metrics_equal_a_plain_forward(workdir):
 
     tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
     model = modeling.load_chain(workdir / "models/base", torch.device("cpu"))
-    pairs = _load(FORMATS_DIR / "preference.jsonl")[1][:5]
+    path = str(FORMATS_DIR / "preference.jsonl")
+    pairs = formats.convert(formats.read(path), "preference", path)[0][:5]
     got, sums = evaluate.heldout_pairs(model, tok, pairs, max_len=96, batch_size=2, source="heldout_prefs.jsonl",
                                        n_boot=200, seed=0)
     totals, counts, wins = {"chosen": 0.0, "rejected": 0.0}, {"chosen": 0, "rejected": 0}, 0
