@@ -43,8 +43,10 @@ def bradley_terry(e_chosen: Tensor, e_rejected: Tensor) -> Tensor:
 
 def token_rewards(model, batch: dict[str, Tensor]) -> Tensor:
     """(2B, C) r_phi of each [chosen; rejected] completion token of a `posttrain.preference.PairCollator` batch
-    (0 on padding): the reward of token a_t given s_t, each prompt run once for both completions."""
-    return model(**batch).token_rewards
+    (0 on padding), on the model's device: the reward of token a_t given s_t, each prompt run once for both
+    completions. The batch's tensors are moved there first (a Trainer has done so already)."""
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).token_rewards
 
 
 class TokenRewardTrainer(Trainer):

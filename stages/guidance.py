@@ -69,10 +69,9 @@ def _token_reward_values(path, tok, rows, batch_size: int, device, scale: float)
     with progress.Progress("token rewards", len(rows), "pair") as bar:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(
-                [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk]).items()}
+            b = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk])
             r = token_reward.token_rewards(model, b)
-            mask = b["completion_mask"].bool()
+            mask = b["completion_mask"].to(r.device).bool()
             n = len(chunk)
             out += [{"id": row["id"], "chosen": r[i][mask[i]].tolist(), "rejected": r[n + i][mask[n + i]].tolist()}
                     for i, row in enumerate(chunk)]

@@ -218,7 +218,7 @@ def run(common, params: RewardModelParams, args) -> dict:
     chosen, rejected = heldout_rewards(model, tok, held, common.max_len)
     calibration = reward.calibrate(chosen, rejected) if held else None
     metrics = {"heldout_accuracy": accuracy(chosen, rejected), "heldout_accuracy_initial": initial,
-               "scale": float(model.scale.detach()), "train_pairs": len(train), "heldout_pairs": len(held),
+               "scale": float(model.scale.detach()), "train_pairs": len(rows), "heldout_pairs": len(held),
                "ranked_pairs": len(ranked), "offline_pairs": len(offline),
                "train_loss": result.training_loss} | {f"ranked_{k}": v for k, v in counts.items()} | {
                    f"dropped_{k}": v for k, v in dropped.items()}

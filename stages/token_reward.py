@@ -49,13 +49,11 @@ def accuracy(model, tok, rows: list[dict], tau: float, batch_size: int = 16) -> 
     """Held-out pair accuracy of e_phi(chosen) > e_phi(rejected) under each aggregator."""
     collate = preference.PairCollator(pad_token_id=tok.pad_token_id)
     right = {name: 0 for name in tr.AGGREGATORS}
-    device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
-        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(
-            [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows[start : start + batch_size]]
-        ).items()}
+        chunk = rows[start : start + batch_size]
+        b = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in chunk])
         r = tr.token_rewards(model, b)
-        mask = b["completion_mask"].float()
+        mask = b["completion_mask"].to(r.device).float()
         for name, f in tr.AGGREGATORS.items():
             e_w, e_l = f(r, mask, tau).chunk(2)
             right[name] += int((e_w > e_l).sum())

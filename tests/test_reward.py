@@ -66,15 +66,21 @@ def test_a_lora_reward_model_saves_and_loads_to_the_same_rewards(workdir, tmp_pa
     assert tok.padding_side == "right" and float(loaded.scale) == pytest.approx(1.7)
 
 
-def test_score_leaves_out_the_prompts_log_probs(workdir):
-    """reward.score = head at the last token + scale * the response tokens' log-probs; a forward()'s reward minus
-    score is the scaled log-likelihood of the templated prompt, the same for every answer to it."""
+def _scoring_model(workdir):
+    """(reward model, right-padded tokenizer) on the tiny base: a random head (std 0.5) and scale 0.3, so both terms
+    of the reward count."""
     torch.manual_seed(0)
     model = reward.build(modeling.load_chain(workdir / "models/base")).eval()
-    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
     with torch.no_grad():
         torch.nn.init.normal_(model.score.weight, std=0.5)
         model.scale.fill_(0.3)
+    return model, modeling.load_tokenizer(workdir / "models/base", padding_side="right")
+
+
+def test_score_leaves_out_the_prompts_log_probs(workdir):
+    """reward.score = head at the last token + scale * the response tokens' log-probs; a forward()'s reward minus
+    score is the scaled log-likelihood of the templated prompt, the same for every answer to it."""
+    model, tok = _scoring_model(workdir)
     q = [{"role": "user", "content": "What is 2 + 2?"}]
     convs = [q + [{"role": "assistant", "content": a}] for a in ("4", "five or so")]
     got = reward.score(model, tok, convs)
@@ -158,12 +164,7 @@ def test_the_pair_forward_equals_whole_sequences_and_trains_the_same(workdir):
 def test_score_of_a_batch_equals_each_answer_scored_alone(workdir):
     """reward.score groups a batch's answers by prompt and pads prompts of different lengths: each reward equals the
     same conversation scored alone."""
-    torch.manual_seed(0)
-    model = reward.build(modeling.load_chain(workdir / "models/base")).eval()
-    tok = modeling.load_tokenizer(workdir / "models/base", padding_side="right")
-    with torch.no_grad():
-        torch.nn.init.normal_(model.score.weight, std=0.5)
-        model.scale.fill_(0.3)
+    model, tok = _scoring_model(workdir)
     convs = [p["prompt"] + [{"role": "assistant", "content": p[side]}]
              for p in _pairs(tok) for side in ("chosen", "rejected")]
     together = reward.score(model, tok, convs)
