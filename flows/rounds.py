@@ -133,7 +133,7 @@ def draw_prompts(prefix: str, n: int, seed: int, task_mix: dict[str, float], exc
     `prepare` draws its splits (`tasks.draw`)."""
     seen = {io.prompt_key(r) for path in exclude for r in io.read_jsonl(path, "chat")}
     used = len(seen)
-    rows = [{"id": f"{prefix}-{row['task']}-{i:05d}"} | row
+    rows = [{"id": io.prompt_id(row["task"], i, prefix)} | row
             for i, row in enumerate(tasks.draw(random.Random(seed), task_mix, n, seen))]
     if len(rows) < n:
         raise ValueError(f"{prefix}: only {len(rows)} new prompts exist for task_mix {task_mix} outside "

@@ -135,6 +135,15 @@ def check_drops(source: Any, total: int, dropped: dict[str, int], max_share: flo
     logging.getLogger(__name__).warning("%s", what)
 
 
+def prompt_id(task: str, i: int, split: str = "") -> str:
+    """The one id scheme of the prompts this project draws: `<task>-<i:05d>`, with a prefix naming the split where
+    the prompt is not one of prepare's train / eval / SFT rows (`rmp`: the reward model's fresh prompts; `r<k>` and
+    `select`: an iterative round's). The id stays with the prompt from prepare to report: samples, pairs, answers
+    and every cache key on it. A pair's id is its prompt's (a Step-DPO pair's `<prompt id>.step<k>.<sample>`); an
+    offline pair that is no drawn prompt's is `rm-` + this (prepare's reward-model pairs)."""
+    return f"{split}-{task}-{i:05d}" if split else f"{task}-{i:05d}"
+
+
 def prompt_key(row: dict) -> str:
     """A prompt's identity, the one test of 'the same prompt' (splits, duplicates, fresh rounds): the conversation
     up to the answer, from a row's `prompt` (pairs) or its `messages` (prompts, samples, SFT demos: the final

@@ -115,7 +115,7 @@ def builtin(params: PrepareParams, seed: int) -> tuple[list[dict], list[dict], l
         raise ValueError(f"prepare: only {len(rows)} distinct prompts exist for task_mix {params.task_mix}, "
                          f"{need} asked (n_train + n_eval + n_sft)")
     for i, row in enumerate(rows):
-        row["id"] = f"{row['task']}-{i:05d}"
+        row["id"] = io.prompt_id(row["task"], i)
     eval_rows = rows[: params.n_eval]
     train = rows[params.n_eval : params.n_eval + params.n_train]
     sft = [{"id": r["id"], "messages": r["messages"] + [{"role": "assistant",
@@ -147,7 +147,7 @@ def reward_pairs(params: PrepareParams, seed: int, taken: set[str]) -> list[dict
         if good <= bad or chosen.strip() == rejected.strip():
             continue
         taken.add(io.prompt_key(row))
-        pairs.append({"id": f"rm-{task}-{len(pairs):05d}", "prompt": row["messages"], "chosen": chosen,
+        pairs.append({"id": f"rm-{io.prompt_id(task, len(pairs))}", "prompt": row["messages"], "chosen": chosen,
                       "rejected": rejected, "chosen_score": good, "rejected_score": bad})
     return pairs
 
@@ -182,7 +182,7 @@ def from_reasoning_gym(params: PrepareParams, seed: int) -> tuple[list[dict], li
         raise io.InputError(f"prepare.reasoning_gym: {len(rows)} distinct entries, {need} needed (n_train + n_eval "
                             "+ n_sft): raise the sizes")
     for i, row in enumerate(rows):
-        row["id"] = f"{row['task']}-{i:05d}"
+        row["id"] = io.prompt_id(row["task"], i)
     eval_rows, train, rest = _split(rows, params, "entries")
     sft = [{"id": r["id"], "messages": r["messages"] + [{"role": "assistant",
                                                            "content": tasks.solve(r["verifier"])}],
@@ -274,7 +274,7 @@ def run(common, params: PrepareParams, args) -> dict:
         rm = reward_pairs(params, common.seed, taken)
         rm_prompts = tasks.draw(random.Random(common.seed + 104729), params.task_mix, params.n_rm_prompts, taken)
         for i, row in enumerate(rm_prompts):
-            row["id"] = f"rmp-{row['task']}-{i:05d}"
+            row["id"] = io.prompt_id(row["task"], i, "rmp")
     elif params.source == "reasoning_gym":
         train, eval_rows, sft, rm, rm_prompts, stats = from_reasoning_gym(params, common.seed)
     else:

@@ -100,6 +100,8 @@ def test_prepare_splits_are_disjoint_and_demos_correct(pipeline):
         r["messages"][0]["content"] for r in demos] + [r["prompt"][0]["content"] for r in rm_pairs]
     assert len(set(texts)) == len(texts), "a prompt appears in two splits"
     assert {r["task"] for r in train + ev} <= {"add", "word_count", "include"}
+    assert [r["id"] for r in ev[:2]] == [f"{ev[0]['task']}-00000", f"{ev[1]['task']}-00001"]  # io.prompt_id
+    assert rm_prompts[0]["id"] == f"rmp-{rm_prompts[0]['task']}-00000" and rm_pairs[0]["id"].startswith("rm-")
     # demos are the solver's: each scores 1.0 under the verifier of the prompt it answers
     assert all(tasks.score(r["verifier"], r["messages"][-1]["content"]) == 1.0 for r in demos)
     counts = {k: pipeline["prepare"][k] for k in ("n_train", "n_eval", "n_sft")}
