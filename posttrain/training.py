@@ -142,8 +142,10 @@ def full_state_dict(model) -> dict | None:
     return None
 
 
-def save(model, out: str | Path, base: str | Path, parents: list[str | Path], resolved: dict) -> None:
-    """Write the trained adapter (or full model) with `chain.json` and the resolved params, atomically.
+def save(model, out: str | Path, base: str | Path, parents: list[str | Path], resolved: dict,
+         summary: dict | None = None) -> None:
+    """Write the trained adapter (or full model) with `chain.json`, the resolved params and, when given, the
+    training `summary` (train_metrics.json: what a benchmark reads back from a DVC experiment), atomically.
 
     Under `accelerate launch` every process calls this; the weights are gathered and the main process writes."""
     from posttrain import cli
@@ -158,6 +160,8 @@ def save(model, out: str | Path, base: str | Path, parents: list[str | Path], re
             chain = {"base": str(base), "adapters": [str(p) for p in parents] + [str(out)]}
             (tmp / "chain.json").write_text(json.dumps(chain, indent=2) + "\n")
         tracking.write_hyperparameters(tmp, resolved)
+        if summary is not None:
+            io.write_json(tmp / "train_metrics.json", summary)
     finish(out)
 
 

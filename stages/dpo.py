@@ -13,7 +13,9 @@ DPOTrainer subclassed here (`PreferenceTrainer`: only the loss is replaced); the
 from the `reference` stage's cache and a guided loss's token guidance from `--guidance` (a `guidance` stage's
 folder; other losses ignore it). The policy is a fresh LoRA adapter on the merged SFT weights, seeded by
 `dpo.defaults.seed`. A row's `pairs` chooses what it trains on: `response` (label's prefs.jsonl, the default) or
-`step` (label's Step-DPO pairs, step_prefs.jsonl, with the reference stage's step_logps.jsonl).
+`step` (label's Step-DPO pairs, step_prefs.jsonl, with the reference stage's step_logps.jsonl). Beside the adapter
+the model folder holds `train_metrics.json`: the final reward accuracy and margin on its own pairs, the pair and step
+counts (DVC's run cache restores it with the model, so a benchmark reads it from any experiment).
 """
 
 from __future__ import annotations
@@ -227,14 +229,14 @@ def run(common, params: VariantParams, args) -> dict:
     trainer = make_trainer(model, tok, dataset, params, common, device, str(training.ckpt_dir(args.out)))
     training.log_lines(trainer, f"dpo@{args.variant}")
     result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
-    training.save(trainer.model, args.out, base, parents,
-                  {"dpo": config.to_dict(params), "variant": args.variant, "common": config.to_dict(common)})
     log = training.train_log(trainer)
     keep = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-    return {"train_loss": result.training_loss, "pairs": len(dataset), "steps": result.global_step,
-            "train_runtime_s": result.metrics.get("train_runtime", 0.0)} | {
+    summary = {"train_loss": result.training_loss, "pairs": len(dataset), "steps": result.global_step} | {
         f"dropped_{k}": v for k, v in dropped.items()} | {
         f"final_{k.replace('/', '_')}": log[-1][k] for k in keep if log and k in log[-1]}
+    training.save(trainer.model, args.out, base, parents,
+                  {"dpo": config.to_dict(params), "variant": args.variant, "common": config.to_dict(common)}, summary)
+    return summary | {"train_runtime_s": result.metrics.get("train_runtime", 0.0)}
 
 
 def _prefs_file(params: VariantParams, args) -> str:

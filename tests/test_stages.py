@@ -155,6 +155,8 @@ def test_every_variant_changes_the_policy(pipeline, variant):
     metrics = pipeline[f"dpo@{variant}"]
     assert metrics["pairs"] == pipeline["label"]["pairs"]
     assert "final_logps_chosen" in metrics and "final_logps_rejected" in metrics  # likelihood displacement watch
+    kept = json.loads((out / "train_metrics.json").read_text())  # beside the model: what a benchmark reads back
+    assert "final_logps_chosen" in kept and kept == {k: metrics[k] for k in kept} and "train_runtime_s" not in kept
     if variant != "dpo":  # same seed, pairs and order: only the loss can set the two apart
         mine = load_file(str(out / "adapter_model.safetensors"))
         plain = load_file(str(pipeline["dir"] / "models/dpo/dpo/adapter_model.safetensors"))
