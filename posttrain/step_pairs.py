@@ -63,7 +63,7 @@ def of_row(row: dict) -> tuple[list[dict], Counter]:
         pairs.append({"id": f"{row['id']}.step{k}.{i}", "prompt": prompt, "chosen": chosen, "rejected": text[start:],
                       "chosen_score": tasks.score(spec, prefix + chosen), "rejected_score": tasks.score(spec, text),
                       "source": "own_sample" if own is not None else "solver", "step": k,
-                      "mistake": text[start:end]})
+                      "mistake": text[start:end], "verifier": spec})
     return pairs, +dropped
 
 

@@ -2,10 +2,11 @@
 steps (seed 000/001's mechanism, measured on the pipeline's own pairs; `posttrain/credit.py` defines both figures).
 
     dvc repro credit
-    python -m stages.credit --model models/sft --prefs data/label/prefs.jsonl --prompts data/prepare/train.jsonl \
-        --reference data/reference --guidance data/guidance --policies models/dpo --out reports/credit
+    python -m stages.credit --model models/sft --prefs data/label/prefs.jsonl --reference data/reference \
+        --guidance data/guidance --policies models/dpo --out reports/credit
 
-Reads the pairs of worked tasks (`tasks.PLANS`: a rejected answer whose first wrong step the verifier locates):
+Reads the pairs of worked tasks (`tasks.PLANS`: a rejected answer whose first wrong step the verifier locates; label
+writes each pair with its prompt's verifier):
 - blame localisation, for each guidance source (`data/guidance/<source>/rhat.jsonl`, those there are; dvc.yaml
   does not list the folder, which a DPO-only recipe lacks: the guidance TGDPO trained with reaches this stage
   through `models/dpo`): the share of rejected answers
@@ -76,7 +77,7 @@ def shifts(located: list[dict], ref: dict, policies: dict[str, Path], tok, pairs
 
 def run(common, params: CreditParams, args) -> dict:
     pairs = io.read_jsonl(args.prefs, "prefs")
-    specs = {r["id"]: r.get("verifier") or {} for r in io.read_jsonl(args.prompts, "prompts")}
+    specs = {p["id"]: p.get("verifier") or {} for p in pairs}  # a user's pairs have none: no worked task
     tok = modeling.stage_tokenizer(args.model, padding_side="right")
     located, skipped = credit.locate(tok, pairs, specs, common.max_len)
     ref = preference.read_token_values(Path(args.reference) / "logps.jsonl")
@@ -111,7 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="the SFT model: its tokenizer lays out the cached tokens")
     p.add_argument("--prefs", required=True, help="preference pairs (JSONL, schema `prefs`)")
-    p.add_argument("--prompts", required=True, help="the train prompts, whose verifiers locate the wrong steps")
     p.add_argument("--reference", required=True, help="the reference stage's folder (logps.jsonl)")
     p.add_argument("--guidance", required=True, help="folder of guidance sources, each with rhat.jsonl")
     p.add_argument("--policies", required=True, help="folder of trained policies (dpo's variants)")

@@ -101,7 +101,7 @@ def make_pairs(rows: list[dict], scores: list[list[float]], gap: float,
             dropped["chosen_equals_rejected"] += 1
             continue
         pairs.append({"id": row["id"], "prompt": row["messages"], "chosen": chosen, "rejected": rejected,
-                      "chosen_score": best, "rejected_score": worst})
+                      "chosen_score": best, "rejected_score": worst, "verifier": row["verifier"]})
     return pairs, dropped
 
 

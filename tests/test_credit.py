@@ -133,7 +133,7 @@ def _worked_pairs(n: int) -> tuple[list[dict], list[dict]]:
         row = tasks.make_prompt("chain_add" if i % 2 else "mul_steps", rng) | {"id": f"w{i}"}
         prompts.append(row)
         pairs.append({"id": row["id"], "prompt": row["messages"], "chosen": tasks.solve(row["verifier"]),
-                      "rejected": tasks.near_miss(row["verifier"], rng, step=1)})
+                      "rejected": tasks.near_miss(row["verifier"], rng, step=1), "verifier": row["verifier"]})
     return prompts, pairs
 
 
@@ -149,8 +149,7 @@ def test_credit_stage_blames_where_the_guidance_points_and_measures_displacement
     p = str(tiny_params(tmp_path, common={"max_len": 200}))
     base = workdir / "models/base"
     prompts, pairs = _worked_pairs(6)
-    io.write_jsonl(tmp_path / "train.jsonl", prompts)
-    io.write_jsonl(tmp_path / "prefs.jsonl", pairs)
+    io.write_jsonl(tmp_path / "prefs.jsonl", pairs)  # each with its prompt's verifier, as label writes them
     reference.main(["--params", p, "--model", str(base), "--prefs", str(tmp_path / "prefs.jsonl"), "--out",
                     str(tmp_path / "reference")])
     tok = modeling.stage_tokenizer(base, padding_side="right")
@@ -172,8 +171,8 @@ def test_credit_stage_blames_where_the_guidance_points_and_measures_displacement
     with __import__("torch").no_grad():
         other.lm_head.weight.add_(0.05 * __import__("torch").randn_like(other.lm_head.weight))
     other.save_pretrained(tmp_path / "policies/noisy")
-    args = ["--params", p, "--model", str(base), "--prefs", str(tmp_path / "prefs.jsonl"), "--prompts",
-            str(tmp_path / "train.jsonl"), "--reference", str(tmp_path / "reference"), "--guidance",
+    args = ["--params", p, "--model", str(base), "--prefs", str(tmp_path / "prefs.jsonl"), "--reference",
+            str(tmp_path / "reference"), "--guidance",
             str(tmp_path / "guidance"), "--policies", str(tmp_path / "policies"), "--out", str(tmp_path / "credit")]
     stage.main(args)
     m = json.loads((tmp_path / "credit/metrics.json").read_text())
@@ -192,11 +191,11 @@ def test_credit_stage_blames_where_the_guidance_points_and_measures_displacement
     assert "| step | 6 | 1.000 [1.000, 1.000] |" in lines and "| noisy | 6 |" in lines
 
     # pairs of a task without steps: nothing to measure, no model loaded (the policies folder is not even there)
-    plain = [{"id": "a0", "prompt": ADD3_PROMPT, "chosen": "85", "rejected": "86"}]
+    row = tasks.make_prompt("add", random.Random(0))
+    plain = [{"id": "a0", "prompt": row["messages"], "chosen": "85", "rejected": "86", "verifier": row["verifier"]}]
     io.write_jsonl(tmp_path / "plain.jsonl", plain)
-    io.write_jsonl(tmp_path / "plain_train.jsonl", [tasks.make_prompt("add", random.Random(0)) | {"id": "a0"}])
     swap = {str(tmp_path / a): str(tmp_path / b) for a, b in (("prefs.jsonl", "plain.jsonl"), ("policies", "absent"),
-                                                             ("train.jsonl", "plain_train.jsonl"), ("credit", "c0"))}
+                                                             ("credit", "c0"))}
     args = [swap.get(a, a) for a in args]
     stage.main(args)
     m = json.loads((tmp_path / "c0/metrics.json").read_text())

@@ -62,6 +62,9 @@ MUL_PAIRS = [
      "rejected": MUL_WRONG_AT_0, "chosen_score": 1.0, "rejected_score": 0.375, "source": "solver", "step": 0,
      "mistake": "47 * 6 = 272"},
 ]
+# each pair carries its prompt's verifier, as label writes it
+ADD_PAIRS = [p | {"verifier": ADD} for p in ADD_PAIRS]
+MUL_PAIRS = [p | {"verifier": MUL} for p in MUL_PAIRS]
 
 
 def test_chain_add_pairs_by_hand():
