@@ -36,8 +36,8 @@ Measured:
 
 Size (issue 22 asks for >= 400 response-level training pairs; `--min-pairs` refuses fewer): the knob is
 `prepare.n_train`. A prompt gives at most one response-level pair, and only when one of its samples is right: 500
-prompts x 4 samples gave 134 pairs (bench/results/long_pipeline.json at 53ffd25; mul_steps, half the mix, passes
-~0.01), so 1600 prompts give ~430. Cost on 2 CPU cores, planned from profiles/long.yaml's per-stage comments scaled
+prompts x 4 samples gave 145 pairs (bench/results/long_pipeline.json, at 3301a06; mul_steps, half the mix, passes
+~0.01), so 1600 prompts give ~460. Cost on 2 CPU cores, planned from profiles/long.yaml's per-stage comments scaled
 by pairs: a seed's experiment ~60 minutes (7 trainings, guidance@dpo, 7 evaluations, credit), a further scale ~25
 minutes a seed, an aggregator ~10 minutes: ~2.5 hours at 3 seeds.
 """
