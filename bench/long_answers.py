@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", nargs="+", default=list(ROWS), help="dpo.variants rows, dpo first")
     p.add_argument("--scales", type=float, nargs="*", default=[],
                    help="learned-guidance scales besides the pipeline's (r_hat is standardised, then multiplied)")
-    p.add_argument("--aggregators", nargs="*", default=list(tr.AGGREGATORS),
+    p.add_argument("--aggregators", nargs="*", default=list(tr.AGGREGATORS), choices=list(tr.AGGREGATORS),
                    help="token-reward aggregators whose heads are scored for blame localisation")
     p.add_argument("--min-eval", type=int, default=500, help="refuse fewer held-out prompts with a gold verdict")
     p.add_argument("--min-pairs", type=int, default=400, help="refuse fewer response-level training pairs")

@@ -95,7 +95,7 @@ def test_pick_examples_with_a_shared_prefix():
     assert [r["id"] for r in credit.pick_examples(rows, 2)] == ["c", "d"]
 
 
-def test_bench_refuses_a_repo_without_enough_prompts_or_pairs(tmp_path):
+def test_bench_refuses_a_repo_without_enough_prompts_or_pairs(tmp_path, capsys):
     from bench import long_answers as la
 
     shutil.copy(ROOT / "profiles/long.yaml", tmp_path / "params.yaml")
@@ -114,6 +114,9 @@ def test_bench_refuses_a_repo_without_enough_prompts_or_pairs(tmp_path):
         la.main([*base, "--min-eval", "2", "--min-pairs", "1"])
     with pytest.raises(SystemExit, match="dpo.variants has no row 'kto'"):
         la.main([*base, "--rows", "dpo", "kto"])
+    with pytest.raises(SystemExit):  # refused by argparse, before any experiment starts
+        la.main([*base, "--aggregators", "median"])
+    assert "invalid choice: 'median'" in capsys.readouterr().err
 
 
 # --- the credit stage, on the tiny model: hand-built guidance, a policy equal to the reference and one that is not --
