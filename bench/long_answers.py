@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
     train_rows = io.read_jsonl(repo / "data/prepare/train.jsonl", "prompts")
     specs = {r["id"]: r["verifier"] or {} for r in eval_rows}
     gold_eval = [r for r in eval_rows if r["verifier"]]
-    if len(gold_eval) < args.min_eval:
+    if len(gold_eval) < max(args.min_eval, 1):  # pass rates need a gold verdict on at least one prompt
         sys.exit(f"error: {repo / 'data/prepare/eval.jsonl'}: {len(gold_eval)} held-out prompts with a verifier, "
                  f"--min-eval {args.min_eval}: reproduce the repo with profiles/long.yaml")
     pairs = io.read_jsonl(repo / "data/label/prefs.jsonl", "prefs")
@@ -280,6 +280,10 @@ def main(argv=None) -> dict:
     if subprocess.run([*seeds.DVC, "status", "--quiet"], cwd=repo, env=seeds.ENV).returncode:
         sys.exit(f"error: {repo}: `dvc status` shows changed stages: run `dvc repro` there first (the pipeline's own "
                  "seed is read from its workspace as it stands)")
+    for f in ("reports/credit/metrics.json", "reports/credit/pairs.png"):
+        if not (repo / f).is_file():
+            sys.exit(f"error: {repo / f}: missing: the pipeline's revision has no credit stage; reproduce it at this "
+                     "checkout's revision")
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(repo / "reports/credit/pairs.png", args.plot)
     t0 = time.perf_counter()

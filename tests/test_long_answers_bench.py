@@ -4,6 +4,7 @@ DVC experiments for hours; tests/test_dvc.py runs it on the tiny pipeline)."""
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -95,6 +96,15 @@ def test_pick_examples_with_a_shared_prefix():
     assert [r["id"] for r in credit.pick_examples(rows, 2)] == ["c", "d"]
 
 
+def _no_gold(tmp_path: Path) -> Path:
+    """A copy of the repo whose held-out prompts have no verifier (a user's prompts)."""
+    other = tmp_path / "no_gold"
+    shutil.copytree(tmp_path, other, ignore=shutil.ignore_patterns("no_gold"))
+    rows = [json.loads(x) | {"verifier": None} for x in (other / "data/prepare/eval.jsonl").read_text().splitlines()]
+    (other / "data/prepare/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return other
+
+
 def test_bench_refuses_a_repo_without_enough_prompts_or_pairs(tmp_path, capsys):
     from bench import long_answers as la
 
@@ -112,6 +122,8 @@ def test_bench_refuses_a_repo_without_enough_prompts_or_pairs(tmp_path, capsys):
         la.main([*base, "--min-eval", "2"])
     with pytest.raises(SystemExit, match="no step pairs for step_dpo"):
         la.main([*base, "--min-eval", "2", "--min-pairs", "1"])
+    with pytest.raises(SystemExit, match="0 held-out prompts with a verifier, --min-eval 0"):  # nothing to score
+        la.main([*base, "--rows", "dpo", "--min-eval", "0", "--min-pairs", "0"] + ["--repo", str(_no_gold(tmp_path))])
     with pytest.raises(SystemExit, match="dpo.variants has no row 'kto'"):
         la.main([*base, "--rows", "dpo", "kto"])
     with pytest.raises(SystemExit):  # refused by argparse, before any experiment starts
