@@ -12,6 +12,8 @@ Every figure comes from the pipeline's stages, run by DVC; nothing here restates
   the learned token reward are the pipeline's, shared by every seed, so the spread is training's alone;
 - each further learned-guidance scale k (`--scales`) is one more experiment a seed,
   `-S guidance.sources.<token source>.scale=k`, which re-runs the token-guided rows (method `<row>_x<k>`);
+- each further DPO learning rate x (`--learning-rates`) is one more experiment a seed,
+  `-S dpo.defaults.learning_rate=x`, which re-runs every row (method `<row>_lr<x>`, paired with `dpo_lr<x>`);
 - each token-reward aggregator but the pipeline's (`--aggregators`) is one experiment,
   `-S token_reward.aggregator=<a> guidance@<token source>`, whose r_hat the credit stage scores for blame alone.
 Each experiment's stage runs go to MLflow's `bench-long-answers` experiment and `dvc exp show` lists them; at the end
@@ -26,8 +28,8 @@ Measured:
 - end scores, from each row's `reports/evaluate/<row>/answers.jsonl`: gold pass rate and, on worked tasks, the mean
   step score (share of right steps, `tasks.step_share`); per method the mean over seeds with a 95% bootstrap
   interval over prompts (of the seed-averaged per-prompt figure) and a 95% t-interval over seeds; every method
-  minus `dpo`, paired by prompt and seed; and whether the goal (a token- or step-level method - DPO >= +3
-  pass-rate points, paired interval above 0) is met;
+  minus `dpo` at its learning rate, paired by prompt and seed; and whether the goal (a token- or step-level method -
+  DPO >= +3 pass-rate points, paired interval above 0) is met;
 - training: each row's final reward accuracy and margin on its own pairs (the dpo stage's train_metrics.json);
 - from `reports/credit/metrics.json` (stages/credit.py): blame localisation for each guidance source and seed, and
   shared-prefix displacement for each method and seed, with its difference from `dpo` paired by answer; the mean
@@ -78,12 +80,22 @@ def token_source(params: dict) -> str | None:
     return next((k for k, v in params["guidance"]["sources"].items() if v["kind"] == "token_reward"), None)
 
 
-def method_rows(rows: list[str], params: dict, scales: list[float]) -> dict[str, tuple[str, float | None]]:
-    """Method -> (its dpo row, the learned-guidance scale of its experiment; None: the pipeline's own). A row guided
-    by the token source gets one more method per scale, `<row>_x<k>`."""
+def variants(rows: list[str], params: dict, scales: list[float], lrs: list[float]) -> dict[str, dict]:
+    """Experiment tag -> the knobs it moves (-S) and the rows they reach; tag "" is the pipeline's own settings.
+    A learned-guidance scale `x<k>` reaches the rows guided by the token source, a DPO learning rate `lr<x>` every
+    row."""
     source = token_source(params)
     guided = [r for r in rows if source and params["dpo"]["variants"][r]["guidance"] == f"data/guidance/{source}"]
-    return {r: (r, None) for r in rows} | {f"{r}_x{k:g}": (r, k) for k in scales for r in guided}
+    out = {"": {"knobs": {}, "rows": list(rows)}}
+    out |= {f"x{k:g}": {"knobs": {f"guidance.sources.{source}.scale": k}, "rows": guided} for k in scales if guided}
+    out |= {f"lr{x:g}": {"knobs": {"dpo.defaults.learning_rate": x}, "rows": list(rows)} for x in lrs}
+    return out
+
+
+def method_rows(variants_: dict[str, dict]) -> dict[str, tuple[str, str]]:
+    """Method -> (its dpo row, its experiment tag): a row under the pipeline's own settings keeps its name, under a
+    variant it is `<row>_<tag>`."""
+    return {(f"{r}_{tag}" if tag else r): (r, tag) for tag, v in variants_.items() for r in v["rows"]}
 
 
 def check_rows(params: dict, rows: list[str], where: str) -> None:
@@ -177,34 +189,36 @@ def over_seeds(per_seed: dict[int, dict | None], keys=("mean",)) -> dict:
 def run_benchmark(repo: Path, params: dict, args, specs: dict[str, dict]) -> dict:
     """Every experiment in turn, each read as soon as it ran (the pipeline's own seed and scale first: its
     workspace as it stands); the caller restores the workspace."""
-    methods = method_rows(args.rows, params, args.scales)
+    tags = variants(args.rows, params, args.scales, args.learning_rates)
+    methods = method_rows(tags)
     own_seed, source = params["dpo"]["defaults"]["seed"], token_source(params)
     own_scale = params["guidance"]["sources"][source].get("scale", 1.0) if source else None
     own_agg = params["token_reward"]["aggregator"]
     scale_knob = f"guidance.sources.{source}.scale"
-    tag = time.strftime("%m%d%H%M")
+    own = {"token_reward.aggregator": own_agg,
+           "dpo.defaults.learning_rate": params["dpo"]["defaults"]["learning_rate"]}
+    own |= {scale_knob: own_scale} if source else {}
+    stamp = time.strftime("%m%d%H%M")
     states: dict[int, dict] = {}
     for s in sorted(args.seeds, key=lambda s: s != own_seed):
         states[s] = {}
-        for k in [None, *args.scales]:
-            names = {m: r for m, (r, kk) in methods.items() if kk == k}
-            if s != own_seed or k is not None:
-                knobs = {"dpo.defaults.seed": s, "token_reward.aggregator": own_agg}
-                knobs |= {scale_knob: own_scale if k is None else k} if source else {}
-                targets = [f"evaluate@{r}" for r in names.values()] + ["credit"]
-                name = f"long-{tag}-seed{s}" + ("" if k is None else f"-x{k:g}")
-                experiment(repo, name, knobs, targets)
-            states[s][k] = read_state(repo, names, specs)
+        for tag, v in tags.items():
+            names = {m: r for m, (r, t) in methods.items() if t == tag}
+            if s != own_seed or tag:
+                targets = [f"evaluate@{r}" for r in v["rows"]] + ["credit"]
+                experiment(repo, f"long-{stamp}-seed{s}" + (f"-{tag}" if tag else ""),
+                           own | {"dpo.defaults.seed": s} | v["knobs"], targets)
+            states[s][tag] = read_state(repo, names, specs)
     held = json.loads((repo / "reports/token_reward/metrics.json").read_text())  # not re-run by any seed
-    first = states[next(iter(states))][None]["blame"] if states else {}
+    first = states[next(iter(states))][""]["blame"] if states else {}
     blame_agg = {}
     if source in first:
         blame_agg[own_agg] = first[source] | {"heldout_accuracy": held.get(f"heldout_accuracy_{own_agg}")}
     for agg in args.aggregators if source else []:
         if agg == own_agg:
             continue
-        experiment(repo, f"long-{tag}-{agg}", {"dpo.defaults.seed": own_seed, "token_reward.aggregator": agg,
-                                              scale_knob: own_scale}, [f"guidance@{source}"])
+        experiment(repo, f"long-{stamp}-{agg}", own | {"dpo.defaults.seed": own_seed, "token_reward.aggregator": agg},
+                   [f"guidance@{source}"])
         with tempfile.TemporaryDirectory() as tmp:  # no policies: the credit stage's blame alone
             (Path(tmp) / "none").mkdir()
             subprocess.run([sys.executable, "-m", "stages.credit", "--model", "models/sft", "--prefs",
@@ -214,29 +228,32 @@ def run_benchmark(repo: Path, params: dict, args, specs: dict[str, dict]) -> dic
             blame = json.loads(Path(f"{tmp}/credit/metrics.json").read_text())["blame"].get(source, {})
         held = json.loads((repo / "reports/token_reward/metrics.json").read_text())
         blame_agg[agg] = blame | {"heldout_accuracy": held.get(f"heldout_accuracy_{agg}")}
-    return {"methods": methods, "states": states, "blame_by_aggregator": blame_agg}
+    return {"methods": methods, "variants": tags, "states": states, "blame_by_aggregator": blame_agg}
 
 
 def summarise(got: dict, seeds_: list[int], n_boot: int) -> dict:
     """End scores and their differences from `dpo`; credit's figures over seeds."""
     methods, states = got["methods"], got["states"]
-    state = {m: {s: states[s][k] for s in seeds_} for m, (_, k) in methods.items()}
+    state = {m: {s: states[s][tag] for s in seeds_} for m, (_, tag) in methods.items()}
     metric = lambda m, key: {s: {i: v[key] for i, v in state[m][s]["scores"][m].items() if key in v}  # noqa: E731
                              for s in seeds_}
     keys = [k for k in ("pass", "step_score") if all(metric("dpo", k)[s] for s in seeds_)]
     end = {m: {k: compare(metric(m, k), None, n_boot) for k in keys} for m in methods}
-    paired = {m: {k: compare(metric(m, k), metric("dpo", k), n_boot) for k in keys} for m in methods if m != "dpo"}
+    base = {m: next((b for b, (r, t) in methods.items() if r == "dpo" and t == tag and b != m), "dpo")
+            for m, (_, tag) in methods.items()}  # dpo at the same learning rate; dpo_lr<x> against dpo
+    paired = {m: {k: compare(metric(m, k), metric(base[m], k), n_boot) for k in keys} | {"baseline": base[m]}
+              for m in methods if base[m] != m}
     goal = {m: goal_met(d["pass"]) for m, d in paired.items() if methods[m][0] not in SEQUENCE_LEVEL}
-    sources = sorted({b for s in seeds_ for b in states[s][None]["blame"]})
+    sources = sorted({b for s in seeds_ for b in states[s][""]["blame"]})
     return {"end_scores": end, "paired_vs_dpo": paired,
             "goal": {"minus_dpo_pass_at_least": GOAL, "met": goal, "any": any(goal.values())},
             "training": {m: {s: state[m][s]["trained"][m] for s in seeds_} for m in methods},
-            "blame": {b: over_seeds({s: states[s][None]["blame"].get(b) for s in seeds_},
+            "blame": {b: over_seeds({s: states[s][""]["blame"].get(b) for s in seeds_},
                                     ("hit_rate", "chance", "lift")) for b in sources},
             "blame_by_aggregator": got["blame_by_aggregator"],
             "displacement": {m: over_seeds({s: state[m][s]["displacement"][m] for s in seeds_}) for m in methods},
             "displacement_minus_dpo": {m: over_seeds({s: state[m][s]["minus_dpo"][m] for s in seeds_})
-                                       for m in methods if m != "dpo"}}
+                                       for m in methods if base[m] != m}}
 
 
 def main(argv=None) -> dict:
@@ -246,6 +263,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", nargs="+", default=list(ROWS), help="dpo.variants rows, dpo first")
     p.add_argument("--scales", type=float, nargs="*", default=[],
                    help="learned-guidance scales besides the pipeline's (r_hat is standardised, then multiplied)")
+    p.add_argument("--learning-rates", type=float, nargs="*", default=[],
+                   help="DPO learning rates besides the pipeline's (dpo.defaults.learning_rate): every row again")
     p.add_argument("--aggregators", nargs="*", default=list(tr.AGGREGATORS), choices=list(tr.AGGREGATORS),
                    help="token-reward aggregators whose heads are scored for blame localisation")
     p.add_argument("--min-eval", type=int, default=500, help="refuse fewer held-out prompts with a gold verdict")
@@ -293,7 +312,11 @@ def main(argv=None) -> dict:
     finally:
         seeds.restore(repo, saved)
     results = {"repo": str(repo), "pipeline": machine.repo_state(repo), "seeds": args.seeds, "rows": args.rows,
-               "scales": args.scales, "methods": {m: {"row": r, "scale": k} for m, (r, k) in got["methods"].items()},
+               "scales": args.scales, "learning_rates": args.learning_rates,
+               "methods": {m: {"row": r, "variant": tag, "knobs": got["variants"][tag]["knobs"]}
+                           for m, (r, tag) in got["methods"].items()},
+               "settings": {"prepare": params["prepare"], "dpo": params["dpo"]["defaults"],
+                            "guidance": params["guidance"]["sources"]},
                "eval_prompts": len(gold_eval), "training_prompts": len(train_rows), "pairs": len(pairs),
                "step_pairs": len(step_pairs), "prompts_with_pairs": {
                    "response": len({pr["id"] for pr in pairs}),

@@ -170,22 +170,31 @@ def test_seeds_bench_runs_each_seed_as_a_dvc_experiment(repo, tmp_path):
 
 def test_long_answers_bench_runs_seeds_scales_and_heads_as_dvc_experiments(repo, tmp_path):
     """bench.long_answers on the tiny pipeline: seed 0 reads the pipeline's own outputs; seed 2, the learned guidance
-    at scale 2 (both seeds) and the soft_min token-reward head are `dvc exp run`s that re-run what those knobs reach
-    and take the rest from DVC's run cache (guidance at a scale already run); the workspace comes back. Seed 2, not
-    1: the seeds test's experiment would be in the run cache."""
+    at scale 2 and the DPO learning rate 2e-3 (both seeds), and the soft_min token-reward head are `dvc exp run`s
+    that re-run what those knobs reach and take the rest from DVC's run cache (guidance at a scale already run); the
+    workspace comes back. Seed 2, not 1: the seeds test's experiment would be in the run cache."""
     from bench import long_answers as la
 
     repo, _ = repo
     params = (repo / "params.yaml").read_bytes()
     out = la.main(["--repo", str(repo), "--seeds", "0", "2", "--rows", "dpo", "tgdpo_token", "--scales", "2",
-                   "--aggregators", "average", "soft_min", "--min-eval", "0", "--min-pairs", "0", "--n-boot", "50",
+                   "--learning-rates", "2e-3", "--aggregators", "average", "soft_min", "--min-eval", "0",
+                   "--min-pairs", "0", "--n-boot", "50",
                    "--out", str(tmp_path / "long.json"), "--plot", str(tmp_path / "pairs.png"), "--allow-dirty"])
     table = json.loads((repo / "reports/metrics.json").read_text())
     assert out["end_scores"]["dpo"]["pass"]["per_seed"][0] == pytest.approx(table["dpo"]["pass_rate"])
-    assert out["methods"] == {"dpo": {"row": "dpo", "scale": None},
-                              "tgdpo_token": {"row": "tgdpo_token", "scale": None},
-                              "tgdpo_token_x2": {"row": "tgdpo_token", "scale": 2.0}}
-    assert set(out["paired_vs_dpo"]) == {"tgdpo_token", "tgdpo_token_x2"}
+    lr = {"dpo.defaults.learning_rate": 2e-3}
+    assert out["methods"] == {"dpo": {"row": "dpo", "variant": "", "knobs": {}},
+                              "tgdpo_token": {"row": "tgdpo_token", "variant": "", "knobs": {}},
+                              "tgdpo_token_x2": {"row": "tgdpo_token", "variant": "x2",
+                                                 "knobs": {"guidance.sources.token_reward.scale": 2.0}},
+                              "dpo_lr0.002": {"row": "dpo", "variant": "lr0.002", "knobs": lr},
+                              "tgdpo_token_lr0.002": {"row": "tgdpo_token", "variant": "lr0.002", "knobs": lr}}
+    # each method against dpo trained at its learning rate
+    assert {m: d["baseline"] for m, d in out["paired_vs_dpo"].items()} == {
+        "tgdpo_token": "dpo", "tgdpo_token_x2": "dpo", "dpo_lr0.002": "dpo", "tgdpo_token_lr0.002": "dpo_lr0.002"}
+    assert out["settings"]["dpo"]["learning_rate"] == 1e-3
+    assert all(out["training"]["dpo_lr0.002"][s]["pairs"] == out["training"]["dpo"][s]["pairs"] for s in (0, 2))
     assert "step_score" not in out["end_scores"]["dpo"]  # no worked task in the tiny mix
     assert out["training"]["dpo"][0] == json.loads((repo / "models/dpo/dpo/train_metrics.json").read_text())
     assert all(out["training"][m][s]["pairs"] > 0 for m in out["methods"] for s in (0, 2))
@@ -194,11 +203,15 @@ def test_long_answers_bench_runs_seeds_scales_and_heads_as_dvc_experiments(repo,
     assert (repo / "params.yaml").read_bytes() == params
     assert "up to date" in run_ok(DVC + ["status"], repo)
     names = run_ok(DVC + ["exp", "list"], repo)
-    assert all(re.search(rf"\[long-\d{{8}}-{n}\]", names) for n in ("seed0-x2", "seed2", "seed2-x2", "soft_min"))
+    assert all(re.search(rf"\[long-\d{{8}}-{n}\]", names) for n in ("seed0-x2", "seed2", "seed2-x2", "soft_min",
+                                                                             "seed0-lr0.002", "seed2-lr0.002"))
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["bench-long-answers"])
     assert sorted(runs["tags.mlflow.runName"]) == sorted(
         ["guidance@token_reward", "dpo@tgdpo_token", "evaluate@tgdpo_token", "credit"]  # seed 0, scale 2
         + ["dpo@dpo", "dpo@tgdpo_token", "evaluate@dpo", "evaluate@tgdpo_token", "credit"]  # seed 2 (guidance cached)
         + ["dpo@tgdpo_token", "evaluate@tgdpo_token", "credit"]  # seed 2, scale 2 (guidance cached)
+        + 2 * ["dpo@dpo", "dpo@tgdpo_token", "evaluate@dpo", "evaluate@tgdpo_token", "credit"]  # lr 2e-3, each seed
         + ["token_reward", "guidance@token_reward", "credit"])  # the soft_min head, and the credit stage's blame
+    dpo_runs = runs[runs["tags.mlflow.runName"] == "dpo@dpo"]  # seed 2 at the pipeline's rate, both seeds at 2e-3
+    assert sorted(dpo_runs["params.dpo.learning_rate"].astype(float)) == [1e-3, 2e-3, 2e-3]

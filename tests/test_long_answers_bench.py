@@ -24,15 +24,25 @@ def test_bench_rows_are_the_long_profile_rows_and_each_scale_adds_the_token_rows
     assert list(la.ROWS) == list(params["dpo"]["variants"])
     la.check_rows(params, list(la.ROWS), "long.yaml")
     assert la.token_source(params) == "token_reward"
-    assert la.method_rows(["dpo", "tgdpo", "tgdpo_token", "tgdpo_cancel_token"], params, [2.5, 4.0]) == {
-        "dpo": ("dpo", None), "tgdpo": ("tgdpo", None), "tgdpo_token": ("tgdpo_token", None),
-        "tgdpo_cancel_token": ("tgdpo_cancel_token", None), "tgdpo_token_x2.5": ("tgdpo_token", 2.5),
-        "tgdpo_cancel_token_x2.5": ("tgdpo_cancel_token", 2.5), "tgdpo_token_x4": ("tgdpo_token", 4.0),
-        "tgdpo_cancel_token_x4": ("tgdpo_cancel_token", 4.0)}
+    tags = la.variants(["dpo", "tgdpo", "tgdpo_token", "tgdpo_cancel_token"], params, [2.5, 4.0], [3e-4])
+    assert tags == {"": {"knobs": {}, "rows": ["dpo", "tgdpo", "tgdpo_token", "tgdpo_cancel_token"]},
+                    "x2.5": {"knobs": {"guidance.sources.token_reward.scale": 2.5},
+                             "rows": ["tgdpo_token", "tgdpo_cancel_token"]},
+                    "x4": {"knobs": {"guidance.sources.token_reward.scale": 4.0},
+                           "rows": ["tgdpo_token", "tgdpo_cancel_token"]},
+                    "lr0.0003": {"knobs": {"dpo.defaults.learning_rate": 3e-4},
+                                 "rows": ["dpo", "tgdpo", "tgdpo_token", "tgdpo_cancel_token"]}}
+    assert la.method_rows(tags) == {
+        "dpo": ("dpo", ""), "tgdpo": ("tgdpo", ""), "tgdpo_token": ("tgdpo_token", ""),
+        "tgdpo_cancel_token": ("tgdpo_cancel_token", ""), "tgdpo_token_x2.5": ("tgdpo_token", "x2.5"),
+        "tgdpo_cancel_token_x2.5": ("tgdpo_cancel_token", "x2.5"), "tgdpo_token_x4": ("tgdpo_token", "x4"),
+        "tgdpo_cancel_token_x4": ("tgdpo_cancel_token", "x4"), "dpo_lr0.0003": ("dpo", "lr0.0003"),
+        "tgdpo_lr0.0003": ("tgdpo", "lr0.0003"), "tgdpo_token_lr0.0003": ("tgdpo_token", "lr0.0003"),
+        "tgdpo_cancel_token_lr0.0003": ("tgdpo_cancel_token", "lr0.0003")}
     no_token = copy.deepcopy(params)
     del no_token["guidance"]["sources"]["token_reward"]
-    assert la.token_source(no_token) is None and set(la.method_rows(["dpo", "tgdpo"], no_token, [4.0])) == {
-        "dpo", "tgdpo"}
+    assert la.token_source(no_token) is None
+    assert set(la.method_rows(la.variants(["dpo", "tgdpo"], no_token, [4.0], []))) == {"dpo", "tgdpo"}
     with pytest.raises(SystemExit, match="must start with dpo"):
         la.check_rows(params, ["tgdpo", "dpo"], "long.yaml")
     with pytest.raises(SystemExit, match="long.yaml: dpo.variants has no row 'kto'"):
