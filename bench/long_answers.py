@@ -21,15 +21,18 @@ the workspace has the pipeline's params and outputs back (bench.seeds.snapshot /
 
 Rows (`--rows`, default profiles/long.yaml's, `dpo` first: the others are paired with it): `dpo` (plain DPO), `rpo`
 (DPO + NLL), `tgdpo` (the paper's form, DPO-induced guidance), `tgdpo_cancel` (shared prefix cancelled), their
-learned-guidance forms `tgdpo_token` and `tgdpo_cancel_token`, and `step_dpo` (plain DPO on the step verifier's
-Step-DPO pairs). Each is a `dpo.variants` row with an `evaluate.models` row of the same name.
+learned-guidance forms `tgdpo_token` and `tgdpo_cancel_token`, `step_dpo` (plain DPO on the step verifier's
+Step-DPO pairs), and `tgdpo_cancel_token_nll` and `step_rpo`, which add rpo's chosen-NLL anchor to a token- and a
+step-level row and so are paired with `rpo` too. Each is a `dpo.variants` row with an `evaluate.models` row of the
+same name.
 
 Measured:
 - end scores, from each row's `reports/evaluate/<row>/answers.jsonl`: gold pass rate and, on worked tasks, the mean
   step score (share of right steps, `tasks.step_share`); per method the mean over seeds with a 95% bootstrap
   interval over prompts (of the seed-averaged per-prompt figure) and a 95% t-interval over seeds; every method
-  minus `dpo` at its learning rate, paired by prompt and seed; and whether the goal (a token- or step-level method -
-  DPO >= +3 pass-rate points, paired interval above 0) is met;
+  minus `dpo` at its learning rate, paired by prompt and seed (an anchored row minus `rpo` as well); and whether
+  the goal (a token- or step-level method - DPO >= +3 pass-rate points, paired interval above 0) is met, and for an
+  anchored row whether it holds against `rpo`;
 - training: each row's final reward accuracy and margin on its own pairs (the dpo stage's train_metrics.json);
 - from `reports/credit/metrics.json` (stages/credit.py): blame localisation for each guidance source and seed, and
   shared-prefix displacement for each method and seed, with its difference from `dpo` paired by answer; the mean
@@ -40,13 +43,14 @@ Size (issue 22 asks for >= 400 response-level training pairs; `--min-pairs` refu
 `prepare.n_train`. A prompt gives at most one response-level pair, and only when one of its samples is right: 500
 prompts x 4 samples gave 145 pairs (bench/results/long_pipeline.json, at 3301a06; mul_steps, half the mix, passes
 ~0.01), so 1600 prompts give ~460. Cost on 2 CPU cores, planned from profiles/long.yaml's per-stage comments scaled
-by pairs: a seed's experiment ~60 minutes (7 trainings, guidance@dpo, 7 evaluations, credit), a further scale ~25
-minutes a seed, an aggregator ~10 minutes: ~2.5 hours at 3 seeds.
+by pairs: a seed's experiment ~75 minutes (9 trainings, guidance@dpo, 9 evaluations, credit), a further scale ~25
+minutes a seed, an aggregator ~10 minutes: ~3 hours at 3 seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -58,10 +62,11 @@ from pathlib import Path
 
 from bench import machine, seeds
 from bench.seeds import t_interval
-from posttrain import config, io, stats, tasks
+from posttrain import config, io, losses, stats, tasks
 from posttrain import token_reward as tr
 
-ROWS = ("dpo", "rpo", "tgdpo", "tgdpo_token", "tgdpo_cancel", "tgdpo_cancel_token", "step_dpo")
+ROWS = ("dpo", "rpo", "tgdpo", "tgdpo_token", "tgdpo_cancel", "tgdpo_cancel_token", "tgdpo_cancel_token_nll",
+        "step_dpo", "step_rpo")
 """profiles/long.yaml's dpo rows (a test checks): the ones issue 22 compares."""
 
 SEQUENCE_LEVEL = ("dpo", "rpo")
@@ -73,6 +78,24 @@ EXPERIMENT = "bench-long-answers"
 GOAL = 0.03
 """The issue's bar: a token- or step-level method - DPO >= +3 pass-rate points, with the paired 95% interval above
 0, at equal training prompts."""
+
+
+ANCHOR = "rpo"
+"""The sequence-level row with the chosen-NLL anchor: a token- or step-level row with an anchor of its own
+(`nll_weight` > 0) is also paired with it, so a gain the anchor alone brings is not read as credit's."""
+
+
+def nll_weight(row: dict) -> float:
+    """A dpo.variants row's chosen-NLL weight: its own `nll_weight`, else its loss's default, else 0."""
+    cls = losses.LOSSES[row["loss"]].params
+    known = {f.name for f in dataclasses.fields(cls)}
+    return getattr(cls(**{k: v for k, v in row.items() if k in known}), "nll_weight", 0.0)
+
+
+def anchored(params: dict, rows: list[str]) -> list[str]:
+    """The token- or step-level rows with a chosen-NLL anchor, each paired with `rpo` too (when it is a row)."""
+    return [r for r in rows if r not in SEQUENCE_LEVEL and ANCHOR in rows
+            and nll_weight(params["dpo"]["variants"][r]) > 0]
 
 
 def token_source(params: dict) -> str | None:
@@ -228,7 +251,8 @@ def run_benchmark(repo: Path, params: dict, args, specs: dict[str, dict]) -> dic
             blame = json.loads(Path(f"{tmp}/credit/metrics.json").read_text())["blame"].get(source, {})
         held = json.loads((repo / "reports/token_reward/metrics.json").read_text())
         blame_agg[agg] = blame | {"heldout_accuracy": held.get(f"heldout_accuracy_{agg}")}
-    return {"methods": methods, "variants": tags, "states": states, "blame_by_aggregator": blame_agg}
+    return {"methods": methods, "variants": tags, "states": states, "blame_by_aggregator": blame_agg,
+            "anchored": anchored(params, args.rows)}
 
 
 def summarise(got: dict, seeds_: list[int], n_boot: int) -> dict:
@@ -244,9 +268,14 @@ def summarise(got: dict, seeds_: list[int], n_boot: int) -> dict:
     paired = {m: {k: compare(metric(m, k), metric(base[m], k), n_boot) for k in keys} | {"baseline": base[m]}
               for m in methods if base[m] != m}
     goal = {m: goal_met(d["pass"]) for m, d in paired.items() if methods[m][0] not in SEQUENCE_LEVEL}
+    anchor = {m: next(b for b, (r, t) in methods.items() if r == ANCHOR and t == tag)
+              for m, (r, tag) in methods.items() if r in got["anchored"]}  # rpo at the same learning rate
+    paired_anchor = {m: {k: compare(metric(m, k), metric(b, k), n_boot) for k in keys} | {"baseline": b}
+                     for m, b in anchor.items()}
     sources = sorted({b for s in seeds_ for b in states[s][""]["blame"]})
-    return {"end_scores": end, "paired_vs_dpo": paired,
-            "goal": {"minus_dpo_pass_at_least": GOAL, "met": goal, "any": any(goal.values())},
+    return {"end_scores": end, "paired_vs_dpo": paired, "paired_vs_rpo": paired_anchor,
+            "goal": {"minus_dpo_pass_at_least": GOAL, "met": goal, "any": any(goal.values()),
+                     "met_vs_rpo": {m: goal_met(d["pass"]) for m, d in paired_anchor.items()}},
             "training": {m: {s: state[m][s]["trained"][m] for s in seeds_} for m in methods},
             "blame": {b: over_seeds({s: states[s][""]["blame"].get(b) for s in seeds_},
                                     ("hit_rate", "chance", "lift")) for b in sources},
@@ -291,9 +320,10 @@ def main(argv=None) -> dict:
                  f"{args.min_pairs}: raise prepare.n_train (this script's docstring, Size) and reproduce the repo")
     step_file = repo / "data/label/step_prefs.jsonl"
     step_pairs = io.read_jsonl(step_file, "prefs") if step_file.exists() else []
-    if "step_dpo" in args.rows and not step_pairs:
-        sys.exit(f"error: {step_file}: no step pairs for step_dpo: reproduce the repo with label.step_pairs: true "
-                 "(profiles/long.yaml)")
+    step_rows = [r for r in args.rows if params["dpo"]["variants"][r].get("pairs") == "step"]
+    if step_rows and not step_pairs:
+        sys.exit(f"error: {step_file}: no step pairs for {', '.join(step_rows)}: reproduce the repo with "
+                 "label.step_pairs: true (profiles/long.yaml)")
     if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo, capture_output=True).returncode:
         sys.exit(f"error: {repo}: no git commit: a DVC experiment starts from one (git add -A && git commit there)")
     if subprocess.run([*seeds.DVC, "status", "--quiet"], cwd=repo, env=seeds.ENV).returncode:
@@ -325,7 +355,7 @@ def main(argv=None) -> dict:
                "wall_s": round(time.perf_counter() - t0, 1)}
     machine.write_results(args.out, results, argv=machine.module_command("bench.long_answers", argv),
                           allow_dirty=args.allow_dirty)
-    print(json.dumps({"paired_vs_dpo": results["paired_vs_dpo"], "goal": results["goal"]}, indent=1))
+    print(json.dumps({k: results[k] for k in ("paired_vs_dpo", "paired_vs_rpo", "goal")}, indent=1))
     return results
 
 

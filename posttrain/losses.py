@@ -80,9 +80,14 @@ def rpo(b: PairBatch, p: RPOParams) -> Out:
                     - lambda / |y_w| sum_t m_t logp_theta_t[w].
     lambda = 0 is DPO exactly (tested)."""
     losses, chosen_rewards, rejected_rewards = dpo(b, p)
+    return losses + p.nll_weight * chosen_nll(b), chosen_rewards, rejected_rewards
+
+
+def chosen_nll(b: PairBatch) -> Tensor:
+    """The chosen response's NLL per token, -1/|y_w| sum_t m_t logp_theta_t[w]: (B,)."""
     sw, _ = b.seq_logps()
     lw, _ = b.lengths()
-    return losses - p.nll_weight * sw / lw, chosen_rewards, rejected_rewards
+    return -sw / lw
 
 
 @dataclass
@@ -95,11 +100,16 @@ class TGDPOParams(DPOParams):
     cap_rejected: bool = False
     """Keep rejected-token weights in [0, beta] (cDPO-style, huggingface.co/papers/2411.19943): guidance may push a
     rejected token less than DPO does, never more."""
+    nll_weight: float = 0.0
+    """lambda on the chosen response's per-token NLL, as in `rpo` (not in the paper; issue 22): the anchor that keeps
+    chosen log-probs from falling, so a guided row can be set against `rpo` at equal anchoring. 0 is the paper."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.alpha <= 10:
             raise ValueError(f"alpha must be in [0, 10], got {self.alpha}")
+        if self.nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
 
 
 def tgdpo(b: PairBatch, p: TGDPOParams) -> Out:
@@ -109,7 +119,8 @@ def tgdpo(b: PairBatch, p: TGDPOParams) -> Out:
     alpha = 0 (or rhat = 0) is DPO exactly. A token both responses share at the same place after the same tokens
     has the same log-ratio d and r_hat in both, so the paper's form leaves 2 alpha beta^2 r_hat d of it in the
     margin; `cancel_shared_prefix` sets w = beta on those tokens (b.shared, (B, T)) on both sides, where
-    they cancel, and `cap_rejected` clamps w_t[l] to [0, beta]. With both off this is the paper's form."""
+    they cancel, `cap_rejected` clamps w_t[l] to [0, beta], and `nll_weight` lambda adds lambda x the chosen
+    response's per-token NLL (as `rpo`). With all three off this is the paper's form."""
     if b.rhat_chosen is None or b.rhat_rejected is None:
         raise ValueError("tgdpo needs token-level guidance rhat_chosen / rhat_rejected")
     wc = p.beta * (1 + p.alpha * p.beta * b.rhat_chosen)  # (B, T)
@@ -124,7 +135,7 @@ def tgdpo(b: PairBatch, p: TGDPOParams) -> Out:
     sc = (wc * (b.policy_chosen - b.ref_chosen) * b.chosen_mask).sum(-1)
     sl = (wl * (b.policy_rejected - b.ref_rejected) * b.rejected_mask).sum(-1)
     cw, cl = b.logratios()
-    return -F.logsigmoid(sc - sl), p.beta * cw.detach(), p.beta * cl.detach()
+    return -F.logsigmoid(sc - sl) + p.nll_weight * chosen_nll(b), p.beta * cw.detach(), p.beta * cl.detach()
 
 
 @dataclass

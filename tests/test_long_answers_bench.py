@@ -52,6 +52,36 @@ def test_bench_rows_are_the_long_profile_rows_and_each_scale_adds_the_token_rows
         la.check_rows(params, ["dpo", "rpo"], "long.yaml")
 
 
+def test_anchored_rows_are_paired_with_rpo_as_well_as_dpo():
+    """20 prompts, one seed: dpo passes none, rpo the first 10, the anchored token row the first 12. Against dpo the
+    row gains 12/20 = 0.6 (goal met); against rpo 2/20 = 0.1, and the bootstrap interval reaches 0 (18 of 20 zero
+    differences: a resample misses both ones with probability 0.9^20 = 0.12 > 0.025), so not met against rpo."""
+    from bench import long_answers as la
+
+    params = _long_params()
+    assert la.nll_weight(params["dpo"]["variants"]["rpo"]) == 0.5  # RPOParams' default
+    assert la.nll_weight(params["dpo"]["variants"]["tgdpo_cancel_token_nll"]) == 0.5
+    assert la.nll_weight(params["dpo"]["variants"]["tgdpo_cancel_token"]) == 0.0  # TGDPOParams' default
+    assert la.anchored(params, list(la.ROWS)) == ["tgdpo_cancel_token_nll", "step_rpo"]
+    assert la.anchored(params, ["dpo", "tgdpo_cancel_token_nll"]) == []  # no rpo row to pair with
+    rows = ["dpo", "rpo", "tgdpo_cancel_token_nll"]
+    methods = la.method_rows(la.variants(rows, params, [], []))
+    passes = {"dpo": 0, "rpo": 10, "tgdpo_cancel_token_nll": 12}
+    state = {"scores": {m: {f"p{i}": {"pass": float(i < n)} for i in range(20)} for m, n in passes.items()},
+             "displacement": dict.fromkeys(rows), "minus_dpo": dict.fromkeys(rows), "blame": {},
+             "trained": dict.fromkeys(rows)}
+    got = {"methods": methods, "states": {0: {"": state}}, "blame_by_aggregator": {},
+           "anchored": la.anchored(params, rows)}
+    out = la.summarise(got, [0], 1000)
+    assert out["paired_vs_dpo"]["tgdpo_cancel_token_nll"]["pass"]["mean"] == pytest.approx(0.6)
+    assert out["paired_vs_rpo"]["tgdpo_cancel_token_nll"]["pass"]["mean"] == pytest.approx(0.1)
+    assert out["paired_vs_rpo"]["tgdpo_cancel_token_nll"]["baseline"] == "rpo"
+    assert out["paired_vs_rpo"]["tgdpo_cancel_token_nll"]["pass"]["ci_prompts"][0] == 0.0
+    assert set(out["paired_vs_rpo"]) == {"tgdpo_cancel_token_nll"}
+    assert out["goal"]["met"] == {"tgdpo_cancel_token_nll": True}
+    assert out["goal"]["met_vs_rpo"] == {"tgdpo_cancel_token_nll": False}
+
+
 def test_bench_end_scores():
     """Pass on every prompt with a gold verdict; the step score on worked tasks alone; no verdict, no row."""
     from bench import long_answers as la

@@ -116,6 +116,25 @@ def test_tgdpo_with_alpha_zero_is_dpo():
     assert_close(losses.tgdpo(b, losses.TGDPOParams(beta=0.3, alpha=0.0, cancel_shared_prefix=True))[0], dpo)
 
 
+def test_tgdpo_nll_anchor_by_hand():
+    """The `tgdpo` pair of HAND (margin 0.16) with lambda 0.5: + 0.5 x the chosen NLL per token, -(-1 - 2)/2 = 1.5."""
+    b = pair(rhat_chosen=[2, 0], rhat_rejected=[-2, 0])
+    assert_close(losses.tgdpo(b, losses.TGDPOParams(beta=0.1, alpha=0.5, nll_weight=0.5))[0],
+                 torch.tensor([softplus_neg(0.16) + 0.75], dtype=torch.float64))
+    with pytest.raises(ValueError, match="nll_weight must be >= 0"):
+        losses.TGDPOParams(nll_weight=-0.1)
+
+
+def test_tgdpo_with_alpha_zero_and_an_nll_anchor_is_rpo():
+    b = _random_batch(6)
+    b.shared[:, :2] = 1
+    rpo = losses.rpo(b, losses.RPOParams(beta=0.3, nll_weight=0.7))[0]
+    assert not torch.allclose(rpo, losses.dpo(b, losses.DPOParams(beta=0.3))[0])
+    for cancel in (False, True):
+        p = losses.TGDPOParams(beta=0.3, alpha=0.0, nll_weight=0.7, cancel_shared_prefix=cancel)
+        assert_close(losses.tgdpo(b, p)[0], rpo)
+
+
 def test_tgdpo_with_zero_guidance_is_dpo():
     b = _random_batch(1)
     b.rhat_chosen, b.rhat_rejected = torch.zeros_like(b.rhat_chosen), torch.zeros_like(b.rhat_rejected)
