@@ -218,8 +218,8 @@ def plan(spec: dict) -> list[Step]:
     steps = [
         Step("generate", "generate", params + ["--model", r.champion, "--prompts", str(d / "prompts.jsonl"),
                                                "--out", str(d / "samples.jsonl")], d / "samples.jsonl"),
-        Step("label", "label", params + ["--samples", str(d / "samples.jsonl"), "--out", str(d / "label")],
-             d / "label"),
+        Step("label", "label", params + ["--samples", str(d / "samples.jsonl"), "--policy", r.champion,
+                                         "--out", str(d / "label")], d / "label"),
         Step("reference", "reference", params + ["--model", r.reference, "--prefs", prefs, *step_prefs,
                                                  "--out", reference], d / "reference"),
     ]

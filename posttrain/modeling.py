@@ -202,7 +202,11 @@ def load_chain(path: str | Path, device: torch.device | None = None, trust_remot
 
 
 def render_prompt(tok, messages: list[dict]) -> str:
-    """The prompt text a model is sampled from: the chat template with the assistant turn opened."""
+    """The prompt text a model is sampled from: the chat template with the assistant turn opened, or, where the
+    last message is the assistant's (a Step-DPO prefix), that turn left open after its text, as
+    `preference.encode` renders it for training."""
+    if messages[-1]["role"] == "assistant":
+        return tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
     return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

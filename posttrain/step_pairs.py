@@ -12,10 +12,12 @@ same point:
 
 - `own_sample`: the first of the policy's own correct samples for the prompt whose text starts with that exact
   prefix (the paper finds self-generated corrections beat GPT-4-written ones: in distribution);
+- `policy_sample`: else (`complete`, with `label.step_samples` > 0) the first right one of n samples the policy
+  draws from the pair's prompt, its own turn left open after the prefix: the paper's own source, on-policy. The
+  sampler strips a continuation, so it is read from the next line on (prefix + continuation is the answer the
+  verifier checks, and the text trained);
 - `solver`: else the task's solver (`tasks.solve`) from step k on. Every step of the prefix is right, so the
   answer's written results so far are the gold ones and the solver's later lines continue it.
-
-Sampling the policy from the prefix (the paper's own source) would need a model in `label`; it is not done.
 
 Caps, so that the prompts a policy gets most wrong do not swamp the rest: one pair per distinct first mistake
 (prefix + the text of the first wrong step; the first such sample is kept, and identical pairs are a special
@@ -29,7 +31,7 @@ from collections import Counter
 
 from posttrain import tasks
 
-SOURCES = ("own_sample", "solver")
+SOURCES = ("own_sample", "policy_sample", "solver")
 """Where a step pair's chosen continuation comes from, in order of preference."""
 
 
@@ -86,4 +88,28 @@ def make(rows: list[dict], per_prompt: int) -> tuple[list[dict], dict[str, int],
         kept.sort(key=lambda p: SOURCES.index(p["source"]))  # stable: sample order within a source
         dropped["over_cap"] += max(0, len(kept) - per_prompt)
         out += kept[:per_prompt]
-    return out, {s: sum(p["source"] == s for p in out) for s in SOURCES}, +dropped
+    return out, count(out), +dropped
+
+
+def count(pairs: list[dict]) -> dict[str, int]:
+    """Step pairs by source, every source named."""
+    return {s: sum(p["source"] == s for p in pairs) for s in SOURCES}
+
+
+def complete(pairs: list[dict], sample, n: int) -> tuple[list[dict], int]:
+    """`pairs` with each `solver` pair's chosen replaced by the first right one of `n` policy samples from its prompt
+    (`sample(prompts, n)` -> n strings a prompt, as `sampling.sample`), source `policy_sample`; the others as they
+    were. Right: prefix + sample scores 1.0 (every step and the answer). Returns the pairs and how many prompts were
+    sampled."""
+    todo = [i for i, p in enumerate(pairs) if p["source"] == "solver"]
+    if not todo or n < 1:
+        return pairs, 0
+    drawn = sample([pairs[i]["prompt"] for i in todo], n)
+    out = list(pairs)
+    for i, samples in zip(todo, drawn, strict=True):
+        p = pairs[i]
+        prefix = p["prompt"][-1]["content"] if p["prompt"][-1]["role"] == "assistant" else ""
+        right = next((s for s in samples if s.strip() and tasks.score(p["verifier"], prefix + s) == 1.0), None)
+        if right is not None:
+            out[i] = p | {"chosen": right, "chosen_score": 1.0, "source": "policy_sample"}
+    return out, len(todo)

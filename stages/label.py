@@ -2,7 +2,7 @@
 
     dvc repro label
     python -m stages.label --samples data/generate/samples.jsonl --reward-model models/reward_model \
-        --out data/label
+        --policy models/sft --out data/label
 
 Per prompt, every sample is scored by the judge `label.judge`, a key of posttrain.judges.JUDGES: the gold
 `verifier` (default); the `reward_model` stage's Bradley-Terry model; or an `llm` judge (`label.llm`: a local
@@ -25,7 +25,10 @@ With `label.step_pairs`, the samples of worked tasks also give step-level pairs 
 the correct steps before a wrong answer's first wrong step move into the prompt), judged by the gold step verifier
 whatever `label.judge` is, written to `step_prefs.jsonl` (same schema, plus `source` and `step`) and counted by
 source and drop reason under `step_pairs` in `stats.json`. No pair, no file: an empty DVC output only draws
-warnings, and a stage that trains on the file fails on its absence as it would on no rows.
+warnings, and a stage that trains on the file fails on its absence as it would on no rows. With
+`label.step_samples` n > 0, a step pair with no right sample of the policy's own to take its chosen continuation
+from gets n samples of the policy (`--policy`, the model generate sampled) from that point, and the first right one
+instead of the solver's steps (on-policy, as Step-DPO's own corrections).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class LabelParams:
     floor (models/reward_model/calibration.json: the reward that best tells its held-out chosen responses from the
     rejected ones). A preference between two bad answers is mostly noise; this is the judge's own sign of one."""
     batch_size: int = 32
+    """Sequences a batch: the judge's, and the policy's for `step_samples`."""
     llm: judges.LlmJudgeParams = field(default_factory=judges.LlmJudgeParams)
     """The LLM judge (read only with judge: llm)."""
     step_pairs: bool = False
@@ -57,6 +61,13 @@ class LabelParams:
     on_policy)."""
     step_pairs_per_prompt: int = 2
     """At most this many step pairs a prompt (besides one per distinct first mistake)."""
+    step_samples: int = 0
+    """Samples of the policy (`--policy`) from a step pair's prefix where no own sample gives its chosen
+    continuation: the first right one is chosen (source `policy_sample`); 0: the solver's steps."""
+    step_temperature: float = 0.8
+    """Their sampling temperature (generate's default)."""
+    step_max_new_tokens: int = 64
+    """Their length cap: room for the rest of the longest worked answer."""
 
     def __post_init__(self) -> None:
         if self.judge not in judges.JUDGES:
@@ -67,6 +78,8 @@ class LabelParams:
             raise ValueError(f"min_prob must be in [0.5, 1), got {self.min_prob}")
         if self.step_pairs_per_prompt < 1:
             raise ValueError(f"step_pairs_per_prompt must be >= 1, got {self.step_pairs_per_prompt}")
+        if self.step_samples < 0 or self.step_temperature < 0 or self.step_max_new_tokens < 1:
+            raise ValueError("step_samples and step_temperature must be >= 0, step_max_new_tokens >= 1")
 
     def gap(self) -> float:
         """The score gap a pair needs, in the judge's units (its JUDGES row's `gap`)."""
@@ -119,6 +132,19 @@ def gold_breakdown(gold: list[tuple[float, float]]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def policy_sampler(common, params: LabelParams, policy: str):
+    """`sample(prompts, n)` from the policy, as generate samples (its HF or vLLM backend for the device)."""
+    from posttrain import modeling, sampling
+
+    device = modeling.device_for(common.device)
+    tok = modeling.stage_tokenizer(policy)
+    model = modeling.load_chain(policy, device, common.trust_remote_code)
+    backend = sampling.backend_for("auto", device)
+    return lambda prompts, n: sampling.sample(model, tok, prompts, n=n, temperature=params.step_temperature,
+                                              max_new_tokens=params.step_max_new_tokens,
+                                              batch_size=params.batch_size, seed=common.seed, backend=backend)
+
+
 def run(common, params: LabelParams, args) -> dict:
     if formats.pairs_mode(args.params) == "dataset":
         if not args.pairs:
@@ -157,7 +183,17 @@ def run(common, params: LabelParams, args) -> dict:
     steps, step_metrics = [], {}
     if params.step_pairs:
         steps, by_source, step_dropped = step_pairs.make(rows, params.step_pairs_per_prompt)
+        sampled = 0
+        if params.step_samples and by_source["solver"]:
+            if not args.policy:
+                raise io.InputError("label: label.step_samples > 0 needs --policy, the model generate sampled from "
+                                    "(models/sft in dvc.yaml)")
+            steps, sampled = step_pairs.complete(steps, policy_sampler(common, params, args.policy),
+                                                 params.step_samples)
+            by_source = step_pairs.count(steps)
         stats["step_pairs"] = {"pairs": len(steps), "by_source": by_source, "dropped": dict(step_dropped)}
+        if params.step_samples:
+            stats["step_pairs"]["prefixes_sampled"] = sampled
         step_metrics = {"step_pairs": len(steps)} | {f"step_pairs_{k}": v for k, v in by_source.items()}
     verifiers = {r["id"]: r["verifier"] for r in rows}
     if not row.gold and all(verifiers[p["id"]] for p in pairs):  # how often the judge was right
@@ -179,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", required=True, help="sampled responses (JSONL, schema `samples`)")
     p.add_argument("--reward-model", default="models/reward_model", help="reward_model stage output (judge)")
     p.add_argument("--pairs", help="prepare's train pairs (prefs.jsonl), copied when prepare.pairs is 'dataset'")
+    p.add_argument("--policy", help="the model generate sampled from: label.step_samples samples it from step "
+                                    "prefixes")
     p.add_argument("--out", required=True, help="output folder: prefs.jsonl, stats.json, step_prefs.jsonl")
     return cli.execute("label", LabelParams, p.parse_args(argv), run)
 

@@ -84,14 +84,14 @@ def test_all_wrong_mul_steps_prompt_gets_solver_pairs():
     that stops before its first wrong step, and an empty one, give none."""
     pairs, by_source, dropped = step_pairs.make([MUL_ROW], per_prompt=10)
     assert pairs == MUL_PAIRS
-    assert by_source == {"own_sample": 0, "solver": 3}
+    assert by_source == {"own_sample": 0, "policy_sample": 0, "solver": 3}
     assert dropped == {"same_first_mistake": 1, "wrong_step_missing": 1, "empty_response": 1}
 
 
 def test_cap_keeps_own_samples_first_and_counts_the_rest():
     pairs, by_source, dropped = step_pairs.make([ADD_ROW, MUL_ROW, NUMBER_ROW], per_prompt=2)
     assert [p["id"] for p in pairs] == ["c1.step1.1", "c1.step0.2", "m1.step2.0", "m1.step3.1"]
-    assert by_source == {"own_sample": 2, "solver": 2}
+    assert by_source == {"own_sample": 2, "policy_sample": 0, "solver": 2}
     assert dropped == {"over_cap": 2, "same_first_mistake": 1, "wrong_step_missing": 1, "empty_response": 1,
                        "not_a_worked_task": 1}
 
@@ -100,6 +100,33 @@ def test_a_repeated_prompt_gives_no_duplicate_pair():
     pairs, by_source, dropped = step_pairs.make([ADD_ROW, ADD_ROW | {"id": "c2"}], per_prompt=10)
     assert [p["id"] for p in pairs] == ["c1.step1.1", "c1.step0.2", "c1.step1.3"]
     assert dropped == {"same_first_mistake": 3}
+
+
+def test_policy_samples_from_the_prefix_replace_the_solver_where_one_is_right():
+    """The three solver pairs of MUL_ROW, two samples each from their prompts (prefix included). m1.step2.0: a
+    sample repeating the mistake, then a right one: the right one is chosen. m1.step3.1: a wrong Answer line and an
+    empty sample: the solver's stays. m1.step0.4 (no prefix): empty, then a whole right answer: chosen."""
+    asked = []
+
+    def sample(prompts, n):
+        asked.append((prompts, n))
+        return [["282 + 1410 = 1792\nAnswer: 1792", "282 + 1410 = 1692\nAnswer: 1692"],
+                ["Answer: 1962", ""],
+                ["", "47 * 6 = 282\n47 * 30 = 1410\n282 + 1410 = 1692\nAnswer: 1692"]]
+
+    pairs, sampled = step_pairs.complete(MUL_PAIRS, sample, 2)
+    assert asked == [([p["prompt"] for p in MUL_PAIRS], 2)] and sampled == 3
+    assert pairs == [MUL_PAIRS[0] | {"chosen": "282 + 1410 = 1692\nAnswer: 1692", "source": "policy_sample"},
+                     MUL_PAIRS[1],
+                     MUL_PAIRS[2] | {"chosen": "47 * 6 = 282\n47 * 30 = 1410\n282 + 1410 = 1692\nAnswer: 1692",
+                                     "source": "policy_sample"}]
+    assert step_pairs.count(pairs) == {"own_sample": 0, "policy_sample": 2, "solver": 1}
+    # own-sample pairs are not sampled; nothing to sample, nothing asked
+    asked.clear()
+    assert step_pairs.complete(ADD_PAIRS, lambda prompts, n: asked.append(prompts) or [[""]] * len(prompts), 4) == (
+        ADD_PAIRS, 1)
+    assert asked == [[ADD_PAIRS[2]["prompt"]]]
+    assert step_pairs.complete(ADD_PAIRS[:2], sample, 4) == (ADD_PAIRS[:2], 0) and len(asked) == 1
 
 
 def _params(tmp_path, **label_block):
@@ -120,7 +147,7 @@ def test_label_writes_step_prefs_and_counts_them(tmp_path):
     written = io.read_jsonl(out / "step_prefs.jsonl", "prefs")
     assert written == ADD_PAIRS[:2] + MUL_PAIRS[:2]
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["step_pairs"] == {"pairs": 4, "by_source": {"own_sample": 2, "solver": 2},
+    assert stats["step_pairs"] == {"pairs": 4, "by_source": {"own_sample": 2, "policy_sample": 0, "solver": 2},
                                    "dropped": {"over_cap": 2, "same_first_mistake": 1, "wrong_step_missing": 1,
                                                "empty_response": 1, "not_a_worked_task": 1}}
     assert (metrics["step_pairs"], metrics["step_pairs_own_sample"], metrics["step_pairs_solver"]) == (4, 2, 2)
@@ -135,16 +162,36 @@ def test_label_writes_no_empty_step_prefs(tmp_path):
     label.main(["--params", _params(tmp_path, step_pairs=True), "--samples", samples, "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["prefs.jsonl", "stats.json"]
     assert json.loads((out / "stats.json").read_text())["step_pairs"] == {
-        "pairs": 0, "by_source": {"own_sample": 0, "solver": 0}, "dropped": {"not_a_worked_task": 1}}
+        "pairs": 0, "by_source": {"own_sample": 0, "policy_sample": 0, "solver": 0},
+        "dropped": {"not_a_worked_task": 1}}
     metrics = label.main(["--params", _params(tmp_path), "--samples", _samples(tmp_path, [ADD_ROW]), "--out",
                           str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["prefs.jsonl", "stats.json"]
     assert "step_pairs" not in json.loads((out / "stats.json").read_text()) and "step_pairs" not in metrics
 
 
+def test_label_samples_the_policy_from_step_prefixes(workdir, tmp_path):
+    """label.step_samples 2 with the tiny random model as the policy: the two capped solver pairs' prompts are
+    sampled (its samples are noise, never right, so the solver's steps stay); without --policy it refuses."""
+    out = tmp_path / "label"
+    params = _params(tmp_path, step_pairs=True, step_pairs_per_prompt=2, margin=0.5, step_samples=2)
+    samples = _samples(tmp_path, [ADD_ROW, MUL_ROW, NUMBER_ROW])
+    metrics = label.main(["--params", params, "--samples", samples, "--policy", str(workdir / "models/base"),
+                          "--out", str(out)])
+    assert io.read_jsonl(out / "step_prefs.jsonl", "prefs") == ADD_PAIRS[:2] + MUL_PAIRS[:2]
+    stats = json.loads((out / "stats.json").read_text())["step_pairs"]
+    assert stats["prefixes_sampled"] == 2 and stats["by_source"] == {"own_sample": 2, "policy_sample": 0, "solver": 2}
+    assert metrics["step_pairs_policy_sample"] == 0
+    with pytest.raises(SystemExit, match="step_samples > 0 needs --policy"):
+        label.main(["--params", params, "--samples", samples, "--out", str(tmp_path / "label2")])
+    assert not (tmp_path / "label2").exists()
+
+
 def test_label_refuses_step_pairs_it_cannot_make(tmp_path):
     with pytest.raises(ValueError, match="step_pairs_per_prompt must be >= 1"):
         label.LabelParams(step_pairs_per_prompt=0)
+    with pytest.raises(ValueError, match="step_samples and step_temperature must be >= 0"):
+        label.LabelParams(step_samples=-1)
     params = tiny_params(tmp_path, label={"step_pairs": True}, prepare={"pairs": "dataset"})
     prefs = tmp_path / "prefs.jsonl"
     io.write_jsonl(prefs, [ADD_PAIRS[1]])
@@ -170,6 +217,8 @@ def test_encode_continues_the_partial_assistant_turn(tok):
         assert tok.decode(enc[f"{side}_ids"]) == pair[side] + "<|im_end|>\n"
     assert tok.decode(enc["prompt_ids"]).endswith("<|im_start|>assistant\n55 + 97 = 152\n")
     assert tok.decode(enc["prompt_ids"]).count("<|im_start|>assistant") == 1
+    # label.step_samples samples the policy from the very tokens the pair's completions are trained after
+    assert tok(modeling.render_prompt(tok, pair["prompt"]), add_special_tokens=False).input_ids == enc["prompt_ids"]
     # an empty prefix is a plain prompt, encoded as every response-level pair is
     plain = preference.encode(tok, ADD_PAIRS[1], max_len=256)
     assert tok.decode(plain["prompt_ids"]).endswith("'Answer: N'.<|im_end|>\n<|im_start|>assistant\n")
