@@ -158,6 +158,9 @@ def run(common, params: LabelParams, args) -> dict:
             io.write_jsonl(tmp / "prefs.jsonl", pairs)
             io.write_json(tmp / "stats.json", stats)
         return {"pairs": len(pairs), "passed_through": 1}
+    if params.step_pairs and params.step_samples and not args.policy:  # before the judge's pass, not after
+        raise io.InputError("label: label.step_samples > 0 needs --policy, the model generate sampled from "
+                            "(models/sft in dvc.yaml)")
     rows = io.read_jsonl(args.samples, "samples")
     from posttrain import modeling
 
@@ -185,9 +188,6 @@ def run(common, params: LabelParams, args) -> dict:
         steps, by_source, step_dropped = step_pairs.make(rows, params.step_pairs_per_prompt)
         sampled = 0
         if params.step_samples and by_source["solver"]:
-            if not args.policy:
-                raise io.InputError("label: label.step_samples > 0 needs --policy, the model generate sampled from "
-                                    "(models/sft in dvc.yaml)")
             steps, sampled = step_pairs.complete(steps, policy_sampler(common, params, args.policy),
                                                  params.step_samples)
             by_source = step_pairs.count(steps)
