@@ -50,7 +50,6 @@ minutes a seed, an aggregator ~10 minutes: ~3 hours at 3 seeds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import statistics
@@ -62,7 +61,7 @@ from pathlib import Path
 
 from bench import machine, seeds
 from bench.seeds import t_interval
-from posttrain import config, io, losses, stats, tasks
+from posttrain import config, io, stats, tasks
 from posttrain import token_reward as tr
 
 ROWS = ("dpo", "rpo", "tgdpo", "tgdpo_token", "tgdpo_cancel", "tgdpo_cancel_token", "tgdpo_cancel_token_nll",
@@ -85,17 +84,18 @@ ANCHOR = "rpo"
 (`nll_weight` > 0) is also paired with it, so a gain the anchor alone brings is not read as credit's."""
 
 
-def nll_weight(row: dict) -> float:
-    """A dpo.variants row's chosen-NLL weight: its own `nll_weight`, else its loss's default, else 0."""
-    cls = losses.LOSSES[row["loss"]].params
-    known = {f.name for f in dataclasses.fields(cls)}
-    return getattr(cls(**{k: v for k, v in row.items() if k in known}), "nll_weight", 0.0)
+def nll_weight(params: dict, row: str) -> float:
+    """A dpo.variants row's chosen-NLL weight, as the dpo stage resolves it (its own, else its loss's default), or 0
+    for a loss without one."""
+    from stages import dpo
+
+    resolved = dpo.resolve(config.parse(dpo.DpoParams, params["dpo"], "dpo"), row, "params.yaml")
+    return getattr(resolved.loss_params, "nll_weight", 0.0)
 
 
 def anchored(params: dict, rows: list[str]) -> list[str]:
     """The token- or step-level rows with a chosen-NLL anchor, each paired with `rpo` too (when it is a row)."""
-    return [r for r in rows if r not in SEQUENCE_LEVEL and ANCHOR in rows
-            and nll_weight(params["dpo"]["variants"][r]) > 0]
+    return [r for r in rows if r not in SEQUENCE_LEVEL and ANCHOR in rows and nll_weight(params, r) > 0]
 
 
 def token_source(params: dict) -> str | None:

@@ -59,9 +59,9 @@ def test_anchored_rows_are_paired_with_rpo_as_well_as_dpo():
     from bench import long_answers as la
 
     params = _long_params()
-    assert la.nll_weight(params["dpo"]["variants"]["rpo"]) == 0.5  # RPOParams' default
-    assert la.nll_weight(params["dpo"]["variants"]["tgdpo_cancel_token_nll"]) == 0.5
-    assert la.nll_weight(params["dpo"]["variants"]["tgdpo_cancel_token"]) == 0.0  # TGDPOParams' default
+    assert la.nll_weight(params, "rpo") == 0.5  # RPOParams' default
+    assert la.nll_weight(params, "tgdpo_cancel_token_nll") == 0.5
+    assert la.nll_weight(params, "tgdpo_cancel_token") == 0.0  # TGDPOParams' default
     assert la.anchored(params, list(la.ROWS)) == ["tgdpo_cancel_token_nll", "step_rpo"]
     assert la.anchored(params, ["dpo", "tgdpo_cancel_token_nll"]) == []  # no rpo row to pair with
     rows = ["dpo", "rpo", "tgdpo_cancel_token_nll"]
