@@ -117,7 +117,7 @@ def execute(stage: str, params_cls: type, args: argparse.Namespace, fn: Callable
             run_name: str | None = None, block: Any = None) -> dict[str, Any]:
     """Load `common` + the stage's block, run `fn(common, params, args)` inside an MLflow run, log its metrics.
 
-    Errors about bad input or params end the process with exit code 2 and the message alone (no traceback): they
+    Errors about bad input or params end the process with exit status 1 and the message alone (no traceback): they
     name the file, row and field, which is all the user needs. With `common.launcher` set, a stage of `LAUNCHED`
     does not return: it becomes `accelerate launch ... -m stages.<stage>` with the same arguments.
     """

@@ -193,7 +193,11 @@ def model_chain(path: str | Path) -> tuple[Path, list[Path]]:
         return Path(info["base"]), [Path(a) for a in info["adapters"]]
     if (path / "config.json").exists():
         return path, []
-    raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor an adapter chain (chain.json)")
+    from posttrain.io import InputError  # a stage ends with this message alone, not a traceback (cli.execute)
+
+    if not path.is_dir():
+        raise InputError(f"{path}: no such model folder")
+    raise InputError(f"{path}: neither a checkpoint (config.json) nor an adapter chain (chain.json)")
 
 
 def load_chain(path: str | Path, device: torch.device | None = None, trust_remote_code: bool = False):

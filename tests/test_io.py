@@ -95,6 +95,22 @@ def test_label_names_a_bad_verifier(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_or_empty_model_folder_ends_the_stage_with_its_path(tmp_path):
+    """No traceback: cli.execute's exit with the message, and no output folder."""
+    from stages import reference
+    from tests.conftest import tiny_params
+
+    prefs = tmp_path / "prefs.jsonl"
+    io.write_jsonl(prefs, [GOOD_PAIR])
+    argv = ["--params", str(tiny_params(tmp_path)), "--prefs", str(prefs), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=rf"^error: {tmp_path / 'nope'}: no such model folder$"):
+        reference.main([*argv, "--model", str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"empty: neither a checkpoint \(config.json\) nor an adapter chain"):
+        reference.main([*argv, "--model", str(tmp_path / "empty")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError), io.atomic_dir(out) as tmp:
