@@ -37,7 +37,8 @@ Measured:
 - from `reports/credit/metrics.json` (stages/credit.py): blame localisation for each guidance source and seed, and
   shared-prefix displacement for each method and seed, with its difference from `dpo` paired by answer; the mean
   of the per-seed figures with a t-interval over seeds;
-- the picture: the pipeline's `reports/credit/pairs.png`, copied to `--plot`.
+- the picture: the pipeline's `reports/credit/pairs.png`, copied to `--plot`;
+- the pairs: the label stage's stats.json (pairs dropped by rule; the step pairs by source of their chosen step).
 
 Size (issue 22 asks for >= 400 response-level training pairs; `--min-pairs` refuses fewer): the knob is
 `prepare.n_train`. A prompt gives at most one response-level pair, and only when one of its samples is right: 500
@@ -348,7 +349,8 @@ def main(argv=None) -> dict:
                "settings": {"prepare": params["prepare"], "dpo": params["dpo"]["defaults"],
                             "guidance": params["guidance"]["sources"]},
                "eval_prompts": len(gold_eval), "training_prompts": len(train_rows), "pairs": len(pairs),
-               "step_pairs": len(step_pairs), "prompts_with_pairs": {
+               "step_pairs": len(step_pairs), "label": json.loads((repo / "data/label/stats.json").read_text()),
+               "prompts_with_pairs": {
                    "response": len({pr["id"] for pr in pairs}),
                    "step": len({prompt_of(pr["id"]) for pr in step_pairs})},
                **summarise(got, args.seeds, args.n_boot), "plot": args.plot,

@@ -124,7 +124,7 @@ def test_recipe_flow_follows_dvc(repo):
 def test_remote_push_clone_pull_runs_nothing(repo, tmp_path):
     """A teammate's clone: `dvc push` to a remote, `git clone`, `dvc pull`, and `dvc repro` runs no stage.
 
-    Last in this module: it commits the repo as the earlier tests left it."""
+    It commits the repo as the earlier tests left it."""
     repo, _ = repo
     remote = tmp_path / "remote"
     run_ok(DVC + ["remote", "add", "-d", "team", str(remote)], repo)
@@ -176,6 +176,9 @@ def test_long_answers_bench_runs_seeds_scales_and_heads_as_dvc_experiments(repo,
     from bench import long_answers as la
 
     repo, _ = repo
+    run_ok(["git", "add", "-A"], repo)  # an experiment starts from a commit (run alone, no earlier test made one)
+    run_ok(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q", "--allow-empty", "-m",
+            "tiny pipeline"], repo)
     params = (repo / "params.yaml").read_bytes()
     out = la.main(["--repo", str(repo), "--seeds", "0", "2", "--rows", "dpo", "tgdpo_token", "--scales", "2",
                    "--learning-rates", "2e-3", "--aggregators", "average", "soft_min", "--min-eval", "0",
@@ -197,6 +200,7 @@ def test_long_answers_bench_runs_seeds_scales_and_heads_as_dvc_experiments(repo,
     assert all(out["training"]["dpo_lr0.002"][s]["pairs"] == out["training"]["dpo"][s]["pairs"] for s in (0, 2))
     assert "step_score" not in out["end_scores"]["dpo"]  # no worked task in the tiny mix
     assert out["training"]["dpo"][0] == json.loads((repo / "models/dpo/dpo/train_metrics.json").read_text())
+    assert out["label"] == json.loads((repo / "data/label/stats.json").read_text()) and out["label"]["pairs"] > 0
     assert all(out["training"][m][s]["pairs"] > 0 for m in out["methods"] for s in (0, 2))
     assert set(out["blame_by_aggregator"]) == {"soft_min"}  # no worked task here: the pipeline's head has no blame
     assert "heldout_accuracy" in out["blame_by_aggregator"]["soft_min"] and (tmp_path / "pairs.png").exists()
