@@ -43,9 +43,12 @@ Measured:
 Size (issue 22 asks for >= 400 response-level training pairs; `--min-pairs` refuses fewer): the knob is
 `prepare.n_train`. A prompt gives at most one response-level pair, and only when one of its samples is right: 500
 prompts x 4 samples gave 145 pairs (bench/results/long_pipeline.json, at 3301a06; mul_steps, half the mix, passes
-~0.01), so 1600 prompts give ~460. Cost on 2 CPU cores, planned from profiles/long.yaml's per-stage comments scaled
-by pairs: a seed's experiment ~75 minutes (9 trainings, guidance@dpo, 9 evaluations, credit), a further scale ~25
-minutes a seed, an aggregator ~10 minutes: ~3 hours at 3 seeds.
+~0.01), so 1600 prompts give ~460. Cost: a seed's experiment is 9 trainings, guidance@dpo, 9 evaluations of the
+held-out prompts and credit; the two step rows train on ~5 step pairs per response-level pair (810 and 145 at 500
+prompts, bench/results/long_answers_lr1e-4.json) and are most of it. At 1600 prompts that is hours a seed on 2 CPU
+cores (`wall_s` in the results file is the measure), more than a session may hold. An interrupted run resumes: the
+same command again re-runs the experiments, and every stage an earlier one finished comes back from DVC's run cache;
+interrupt it with Ctrl-C (SIGINT), so that the workspace gets the pipeline's params and outputs back.
 """
 
 from __future__ import annotations
