@@ -71,6 +71,19 @@ def blame_one(rhat: list[float], spans: list[Span | None], wrong: Span) -> tuple
     return lowest in inside, len(inside) / len(response)
 
 
+def rhat_by_part(rhat: list[float], spans: list[Span | None], wrong: Span) -> tuple[float | None, float | None]:
+    """(mean r_hat of the response tokens that end before the `wrong` span starts, mean r_hat of the tokens in it);
+    None for a part without a token. Why it matters: on tokens the two answers share, TGDPO's weights
+    beta (1 + alpha beta r_hat) on the chosen side and beta (1 - alpha beta r_hat) on the rejected side leave
+    2 alpha beta^2 r_hat times their log-ratio in the margin, where DPO's cancel: a shared correct prefix with r_hat
+    below zero is trained down (`displacement` measures how far)."""
+    if len(rhat) != len(spans):
+        raise ValueError(f"{len(rhat)} r_hat values for {len(spans)} tokens: built with another tokenizer or max_len")
+    before = [rhat[j] for j, s in enumerate(spans) if s is not None and s[1] <= wrong[0]]
+    inside = [rhat[j] for j, s in enumerate(spans) if _overlaps(s, wrong)]
+    return (statistics.fmean(before) if before else None), (statistics.fmean(inside) if inside else None)
+
+
 def prefix_shift(logp: list[float], ref: list[float], spans: list[Span | None], wrong: Span) -> float | None:
     """Mean of logp - ref over the response tokens that end before the `wrong` span starts; None when there is
     none (the first step is already wrong)."""
@@ -92,8 +105,10 @@ def blame(rows: Iterable[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """Blame localisation over rejected responses, each a dict with `rhat`, `spans` and `wrong` (the first wrong
     step's span, or None). Returns the share whose lowest-r_hat token is in the first wrong step (`hit_rate`),
     the chance rate (mean step tokens / response tokens), their per-response difference (`lift`), each with a
-    95% bootstrap interval over responses, and what was left out and why."""
-    hits, chance, dropped = [], [], Counter()
+    95% bootstrap interval over responses, and what was left out and why; and, on the same responses, the mean
+    r_hat of the tokens before the first wrong step (those with any: `rhat_before_wrong_step`, its own `n`) and in
+    it (`rhat_in_wrong_step`), per response then over responses (`rhat_by_part`)."""
+    hits, chance, before, inside, dropped = [], [], [], [], Counter()
     for r in rows:
         if r["wrong"] is None:
             dropped["no_wrong_step"] += 1
@@ -104,9 +119,14 @@ def blame(rows: Iterable[dict], n_boot: int = 1000, seed: int = 0) -> dict:
             continue
         hits.append(float(got[0]))
         chance.append(got[1])
+        pre, step = rhat_by_part(r["rhat"], r["spans"], r["wrong"])
+        before += [pre] if pre is not None else []
+        inside.append(step)
     return {"n": len(hits), "dropped": dict(dropped), "hit_rate": _mean_ci(hits, n_boot, seed),
             "chance": _mean_ci(chance, n_boot, seed),
-            "lift": _mean_ci([h - c for h, c in zip(hits, chance, strict=True)], n_boot, seed)}
+            "lift": _mean_ci([h - c for h, c in zip(hits, chance, strict=True)], n_boot, seed),
+            "rhat_before_wrong_step": {"n": len(before), **_mean_ci(before, n_boot, seed)},
+            "rhat_in_wrong_step": _mean_ci(inside, n_boot, seed)}
 
 
 def displacement(rows: Iterable[dict], n_boot: int = 1000, seed: int = 0) -> dict:

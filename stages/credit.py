@@ -10,7 +10,8 @@ writes each pair with its prompt's verifier):
 - blame localisation, for each guidance source (`data/guidance/<source>/rhat.jsonl`, those there are; dvc.yaml
   does not list the folder, which a DPO-only recipe lacks: the guidance TGDPO trained with reaches this stage
   through `models/dpo`): the share of rejected answers
-  whose lowest-r_hat token lies in the first wrong step, against chance (step tokens / response tokens);
+  whose lowest-r_hat token lies in the first wrong step, against chance (step tokens / response tokens), and the
+  mean r_hat before that step and in it (below zero before it, TGDPO trains the shared correct prefix down);
 - shared-prefix displacement, for each trained policy (every row's `models/dpo/<row>`, whatever its loss or pairs:
   rpo, tgdpo_cancel*, step_dpo too): the mean change from the reference of the log-probs of the rejected answers'
   tokens before their first wrong step, and each minus `dpo`'s, paired by answer. Measured on the response-level

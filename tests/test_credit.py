@@ -72,6 +72,21 @@ def test_blame_over_responses():
     assert got["lift"]["mean"] == pytest.approx(((1 - 0.4) + (0 - 0.25)) / 2)
     lo, hi = got["lift"]["ci"]
     assert -0.25 <= lo <= hi <= 0.6  # a bootstrap mean lies between the smallest and largest value
+    # r_hat before the wrong step: row 1 tokens 0, 1 (0.5, 0.1) -> 0.3; row 2 tokens 0-2 (-1, 0, 0) -> -1/3
+    assert got["rhat_before_wrong_step"]["n"] == 2
+    assert got["rhat_before_wrong_step"]["mean"] == pytest.approx((0.3 - 1 / 3) / 2)
+    # in it: row 1 tokens 2, 3 (-0.3, 0.2) -> -0.05; row 2 token 3 (0.0) -> 0; the dropped rows count in neither
+    assert got["rhat_in_wrong_step"]["mean"] == pytest.approx(-0.025)
+
+
+def test_rhat_by_part():
+    rhat = [0.5, 0.1, -0.3, 0.2, 0.0, -5.0]  # the -5.0 is the end-of-turn token: in no part
+    assert credit.rhat_by_part(rhat, SPANS, WRONG) == pytest.approx((0.3, -0.05))
+    before, inside = credit.rhat_by_part(rhat, SPANS, (0, 2))  # the first step is the wrong one
+    assert before is None and inside == pytest.approx(0.5)
+    assert credit.rhat_by_part(rhat, SPANS, (8, 8)) == (pytest.approx(0.1), None)  # a missing last step: all 5 before
+    with pytest.raises(ValueError, match="5 r_hat values for 6 tokens"):
+        credit.rhat_by_part(rhat[:5], SPANS, WRONG)
 
 
 def test_prefix_shift():
