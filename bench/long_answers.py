@@ -34,7 +34,8 @@ Measured:
   the goal (a token- or step-level method - DPO >= +3 pass-rate points, paired interval above 0) is met, and for an
   anchored row whether it holds against `rpo`;
 - training: each row's final reward accuracy and margin on its own pairs (the dpo stage's train_metrics.json);
-- from `reports/credit/metrics.json` (stages/credit.py): blame localisation for each guidance source and seed, and
+- from `reports/credit/metrics.json` (stages/credit.py): blame localisation for each guidance source and seed (with
+  the mean r_hat before and in the first wrong step: below zero before it, TGDPO trains the shared prefix down), and
   shared-prefix displacement for each method and seed, with its difference from `dpo` paired by answer; the mean
   of the per-seed figures with a t-interval over seeds;
 - the picture: the pipeline's `reports/credit/pairs.png`, copied to `--plot`;
@@ -204,10 +205,11 @@ def trained(model: Path) -> dict | None:
 
 
 def over_seeds(per_seed: dict[int, dict | None], keys=("mean",)) -> dict:
-    """Credit's per-seed figures and, where every seed has one, the t-interval of each key's mean over seeds."""
+    """Credit's per-seed figures and, where every seed has one, the t-interval of each key's mean over seeds (a key
+    the pipeline's credit stage does not write, one older than the key, has none)."""
     out = {"per_seed": per_seed}
     if per_seed and all(v and v.get("n") for v in per_seed.values()):
-        for k in keys:
+        for k in (k for k in keys if all(k in v for v in per_seed.values())):
             out[f"{k}_over_seeds"] = t_interval([v[k]["mean"] if isinstance(v[k], dict) else v[k]
                                                  for v in per_seed.values()])
     return out
@@ -282,7 +284,8 @@ def summarise(got: dict, seeds_: list[int], n_boot: int) -> dict:
                      "met_vs_rpo": {m: goal_met(d["pass"]) for m, d in paired_anchor.items()}},
             "training": {m: {s: state[m][s]["trained"][m] for s in seeds_} for m in methods},
             "blame": {b: over_seeds({s: states[s][""]["blame"].get(b) for s in seeds_},
-                                    ("hit_rate", "chance", "lift")) for b in sources},
+                                    ("hit_rate", "chance", "lift", "rhat_before_wrong_step", "rhat_in_wrong_step"))
+                      for b in sources},
             "blame_by_aggregator": got["blame_by_aggregator"],
             "displacement": {m: over_seeds({s: state[m][s]["displacement"][m] for s in seeds_}) for m in methods},
             "displacement_minus_dpo": {m: over_seeds({s: state[m][s]["minus_dpo"][m] for s in seeds_})

@@ -126,6 +126,8 @@ def test_bench_over_seeds_needs_every_seed():
     assert got["mean_over_seeds"]["ci"] == pytest.approx([0.5 - 12.706 * 0.25, 0.5 + 12.706 * 0.25])
     blame = la.over_seeds({0: {"n": 2, "lift": {"mean": 0.1}}, 1: {"n": 2, "lift": {"mean": 0.3}}}, ("lift",))
     assert blame["lift_over_seeds"]["mean"] == pytest.approx(0.2)
+    older = la.over_seeds({0: {"n": 2, "lift": {"mean": 0.1}}, 1: {"n": 2, "lift": {"mean": 0.3}}}, ("lift", "new"))
+    assert set(older) == {"per_seed", "lift_over_seeds"}  # a key the pipeline's credit stage does not write
     assert set(la.over_seeds({0: {"n": 0, "mean": 0.0}, 1: {"n": 2, "mean": 0.1}})) == {"per_seed"}
     assert set(la.over_seeds({0: None, 1: {"n": 2, "mean": 0.1}})) == {"per_seed"}
 
