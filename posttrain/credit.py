@@ -73,10 +73,11 @@ def blame_one(rhat: list[float], spans: list[Span | None], wrong: Span) -> tuple
 
 def rhat_by_part(rhat: list[float], spans: list[Span | None], wrong: Span) -> tuple[float | None, float | None]:
     """(mean r_hat of the response tokens that end before the `wrong` span starts, mean r_hat of the tokens in it);
-    None for a part without a token. Why it matters: on tokens the two answers share, TGDPO's weights
-    beta (1 + alpha beta r_hat) on the chosen side and beta (1 - alpha beta r_hat) on the rejected side leave
-    2 alpha beta^2 r_hat times their log-ratio in the margin, where DPO's cancel: a shared correct prefix with r_hat
-    below zero is trained down (`displacement` measures how far)."""
+    None for a part without a token. Why it matters: with r_hat below zero on the correct steps, TGDPO pushes them
+    down harder than DPO does (`displacement` measures how far). On the tokens the chosen answer shares, its weights
+    beta (1 + alpha beta r_hat) (chosen side) and beta (1 - alpha beta r_hat) (rejected side) leave
+    2 alpha beta^2 r_hat times their log-ratio in the margin, where DPO's cancel; on the others the rejected weight
+    exceeds beta. The figure averages both kinds: the tokens before the wrong step are not all shared."""
     if len(rhat) != len(spans):
         raise ValueError(f"{len(rhat)} r_hat values for {len(spans)} tokens: built with another tokenizer or max_len")
     before = [rhat[j] for j, s in enumerate(spans) if s is not None and s[1] <= wrong[0]]

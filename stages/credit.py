@@ -11,7 +11,7 @@ writes each pair with its prompt's verifier):
   does not list the folder, which a DPO-only recipe lacks: the guidance TGDPO trained with reaches this stage
   through `models/dpo`): the share of rejected answers
   whose lowest-r_hat token lies in the first wrong step, against chance (step tokens / response tokens), and the
-  mean r_hat before that step and in it (below zero before it, TGDPO trains the shared correct prefix down);
+  mean r_hat before that step and in it (below zero before it, TGDPO pushes the correct steps down harder than DPO);
 - shared-prefix displacement, for each trained policy (every row's `models/dpo/<row>`, whatever its loss or pairs:
   rpo, tgdpo_cancel*, step_dpo too): the mean change from the reference of the log-probs of the rejected answers'
   tokens before their first wrong step, and each minus `dpo`'s, paired by answer. Measured on the response-level
