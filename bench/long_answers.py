@@ -35,7 +35,8 @@ Measured:
   anchored row whether it holds against `rpo`;
 - training: each row's final reward accuracy and margin on its own pairs (the dpo stage's train_metrics.json);
 - from `reports/credit/metrics.json` (stages/credit.py): blame localisation for each guidance source and seed (with
-  the mean r_hat before and in the first wrong step: below zero before it, TGDPO trains the shared prefix down), and
+  the mean r_hat before and in the first wrong step: below zero before it, TGDPO pushes the correct steps down
+  harder than DPO), and
   shared-prefix displacement for each method and seed, with its difference from `dpo` paired by answer; the mean
   of the per-seed figures with a t-interval over seeds;
 - the picture: the pipeline's `reports/credit/pairs.png`, copied to `--plot`;
@@ -45,9 +46,10 @@ Size (issue 22 asks for >= 400 response-level training pairs; `--min-pairs` refu
 `prepare.n_train`. A prompt gives at most one response-level pair, and only when one of its samples is right: 500
 prompts x 4 samples gave 145 pairs (bench/results/long_pipeline.json, at 3301a06; mul_steps, half the mix, passes
 ~0.01), so 1600 prompts give ~460. Cost: a seed's experiment is 9 trainings, guidance@dpo, 9 evaluations of the
-held-out prompts and credit; the two step rows train on ~5 step pairs per response-level pair (810 and 145 at 500
+held-out prompts and credit; the two step rows train on 5.6 step pairs per response-level pair (810 and 145 at 500
 prompts, bench/results/long_answers_lr1e-4.json) and are most of it. At 1600 prompts that is hours a seed on 2 CPU
-cores (`wall_s` in the results file is the measure), more than a session may hold. An interrupted run resumes: the
+cores, more than a session may hold (`wall_s` in the results file times one invocation alone: not the pipeline's
+`dvc repro`, nor the stages an earlier, interrupted invocation ran). An interrupted run resumes: the
 same command again re-runs the experiments, and every stage an earlier one finished comes back from DVC's run cache;
 interrupt it with Ctrl-C (SIGINT), so that the workspace gets the pipeline's params and outputs back.
 """
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -210,8 +213,9 @@ def over_seeds(per_seed: dict[int, dict | None], keys=("mean",)) -> dict:
     out = {"per_seed": per_seed}
     if per_seed and all(v and v.get("n") for v in per_seed.values()):
         for k in (k for k in keys if all(k in v for v in per_seed.values())):
-            out[f"{k}_over_seeds"] = t_interval([v[k]["mean"] if isinstance(v[k], dict) else v[k]
-                                                 for v in per_seed.values()])
+            means = [v[k]["mean"] if isinstance(v[k], dict) else v[k] for v in per_seed.values()]
+            if all(math.isfinite(m) for m in means):  # NaN: a figure with no answer to average (its own n 0)
+                out[f"{k}_over_seeds"] = t_interval(means)
     return out
 
 

@@ -32,6 +32,14 @@ def repo(tmp_path_factory):
     return repo, log
 
 
+def commit(repo):
+    """`git add -A` and a commit, an empty one when nothing changed: a DVC experiment starts from a commit, and a
+    test that runs one must not rely on an earlier test having made it."""
+    run_ok(["git", "add", "-A"], repo)
+    run_ok(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q", "--allow-empty", "-m",
+            "tiny pipeline"], repo)
+
+
 def test_first_repro_runs_every_stage(repo):
     repo, log = repo
     assert stages_run(log) == STAGES
@@ -128,8 +136,7 @@ def test_remote_push_clone_pull_runs_nothing(repo, tmp_path):
     repo, _ = repo
     remote = tmp_path / "remote"
     run_ok(DVC + ["remote", "add", "-d", "team", str(remote)], repo)
-    run_ok(["git", "add", "-A"], repo)
-    run_ok(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "tiny pipeline"], repo)
+    commit(repo)
     run_ok(DVC + ["push"], repo)
     assert len([p for p in remote.rglob("*") if p.is_file()]) > 20  # content-addressed files of every cached out
 
@@ -145,12 +152,13 @@ def test_remote_push_clone_pull_runs_nothing(repo, tmp_path):
 
 
 def test_seeds_bench_runs_each_seed_as_a_dvc_experiment(repo, tmp_path):
-    """bench.seeds on the tiny pipeline (after the commit above): seed 0 reads the pipeline's own answers; seed 1
+    """bench.seeds on the tiny pipeline: seed 0 reads the pipeline's own answers; seed 1
     is a `dvc exp run` that re-runs only the rows' dpo and evaluate stages, logged to MLflow's bench-seeds
     experiment; then the workspace has the pipeline's params and outputs back."""
     from bench import seeds
 
     repo, _ = repo
+    commit(repo)
     params = (repo / "params.yaml").read_bytes()
     adapter = (repo / "models/dpo/dpo/adapter_model.safetensors").read_bytes()
     out = seeds.main(["--repo", str(repo), "--seeds", "0", "1", "--variants", "dpo", "tgdpo_token",
@@ -176,9 +184,7 @@ def test_long_answers_bench_runs_seeds_scales_and_heads_as_dvc_experiments(repo,
     from bench import long_answers as la
 
     repo, _ = repo
-    run_ok(["git", "add", "-A"], repo)  # an experiment starts from a commit (run alone, no earlier test made one)
-    run_ok(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q", "--allow-empty", "-m",
-            "tiny pipeline"], repo)
+    commit(repo)
     params = (repo / "params.yaml").read_bytes()
     out = la.main(["--repo", str(repo), "--seeds", "0", "2", "--rows", "dpo", "tgdpo_token", "--scales", "2",
                    "--learning-rates", "2e-3", "--aggregators", "average", "soft_min", "--min-eval", "0",

@@ -128,6 +128,8 @@ def test_bench_over_seeds_needs_every_seed():
     assert blame["lift_over_seeds"]["mean"] == pytest.approx(0.2)
     older = la.over_seeds({0: {"n": 2, "lift": {"mean": 0.1}}, 1: {"n": 2, "lift": {"mean": 0.3}}}, ("lift", "new"))
     assert set(older) == {"per_seed", "lift_over_seeds"}  # a key the pipeline's credit stage does not write
+    empty = {"n": 2, "rhat_before_wrong_step": {"n": 0, "mean": float("nan")}}  # every answer wrong from its start
+    assert set(la.over_seeds({0: empty, 1: empty}, ("rhat_before_wrong_step",))) == {"per_seed"}
     assert set(la.over_seeds({0: {"n": 0, "mean": 0.0}, 1: {"n": 2, "mean": 0.1}})) == {"per_seed"}
     assert set(la.over_seeds({0: None, 1: {"n": 2, "mean": 0.1}})) == {"per_seed"}
 
