@@ -57,6 +57,11 @@ def _overlaps(span: Span | None, window: Span) -> bool:
     return span is not None and span[0] < window[1] and span[1] > window[0]
 
 
+def _before(spans: list[Span | None], wrong: Span) -> list[int]:
+    """The response tokens that end before the `wrong` span starts (the correct steps)."""
+    return [j for j, s in enumerate(spans) if s is not None and s[1] <= wrong[0]]
+
+
 def blame_one(rhat: list[float], spans: list[Span | None], wrong: Span) -> tuple[bool, float] | None:
     """(the lowest-r_hat response token lies in the `wrong` span, step tokens / response tokens) for one response;
     the first minimum on ties. None when no response token overlaps `wrong` (the step was cut off by max_len, or
@@ -80,7 +85,7 @@ def rhat_by_part(rhat: list[float], spans: list[Span | None], wrong: Span) -> tu
     exceeds beta. The figure averages both kinds: the tokens before the wrong step are not all shared."""
     if len(rhat) != len(spans):
         raise ValueError(f"{len(rhat)} r_hat values for {len(spans)} tokens: built with another tokenizer or max_len")
-    before = [rhat[j] for j, s in enumerate(spans) if s is not None and s[1] <= wrong[0]]
+    before = [rhat[j] for j in _before(spans, wrong)]
     inside = [rhat[j] for j, s in enumerate(spans) if _overlaps(s, wrong)]
     return (statistics.fmean(before) if before else None), (statistics.fmean(inside) if inside else None)
 
@@ -90,7 +95,7 @@ def prefix_shift(logp: list[float], ref: list[float], spans: list[Span | None], 
     none (the first step is already wrong)."""
     if not len(logp) == len(ref) == len(spans):
         raise ValueError(f"{len(logp)} policy and {len(ref)} reference log-probs for {len(spans)} tokens")
-    before = [j for j, s in enumerate(spans) if s is not None and s[1] <= wrong[0]]
+    before = _before(spans, wrong)
     if not before:
         return None
     return statistics.fmean(logp[j] - ref[j] for j in before)
