@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.io import InputError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -193,9 +195,7 @@ def model_chain(path: str | Path) -> tuple[Path, list[Path]]:
         return Path(info["base"]), [Path(a) for a in info["adapters"]]
     if (path / "config.json").exists():
         return path, []
-    from posttrain.io import InputError  # a stage ends with this message alone, not a traceback (cli.execute)
-
-    if not path.is_dir():
+    if not path.is_dir():  # InputError: a stage ends with the message alone, not a traceback (cli.execute)
         raise InputError(f"{path}: no such model folder")
     raise InputError(f"{path}: neither a checkpoint (config.json) nor an adapter chain (chain.json)")
 
