@@ -1,12 +1,15 @@
 """What the training stages share: TrainingArguments defaults per device, LoRA, resume, a NaN guard, saving.
 
-Checkpoints go to `<out>.ckpt/` beside the stage's output (not a DVC output): a re-run of an interrupted stage
-resumes from the last one, and a finished stage deletes them.
+Checkpoints go to `<out>.ckpt/<key>/` beside the stage's output (not a DVC output), the key a hash of the params and
+inputs (`run_dir`): a re-run of an interrupted stage with the same ones resumes from the last checkpoint, one with
+other params starts afresh, and a finished stage deletes them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -18,6 +21,8 @@ import torch
 from transformers import TrainerCallback
 
 from posttrain import io, modeling, progress, tracking
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,21 +45,57 @@ def ckpt_dir(out: str | Path) -> Path:
     return Path(f"{out}.ckpt")
 
 
-def resume_from(out: str | Path) -> str | None:
-    """The newest complete checkpoint in `<out>.ckpt/`, or None. The Trainer writes `trainer_state.json` after the
-    weights, optimizer and RNG state, so a checkpoint without it was cut off mid-write (a kill during a save): it
-    is deleted and the one before it is used."""
-    d = ckpt_dir(out)
+def run_dir(out: str | Path, resolved: dict, inputs: list[str | Path]) -> Path:
+    """Where this run's checkpoints go: `<out>.ckpt/<key>/`, the key a hash of the resolved params and of the size
+    and modification time of every file under `inputs`. A re-run of an interrupted stage with the same params and
+    inputs finds its checkpoints and resumes; a run with other params (another seed, `dvc exp run -S ...`) or other
+    inputs (an upstream stage re-ran) gets a fresh folder, and the main process deletes the other runs' checkpoints,
+    saying so, instead of resuming a training the params no longer describe. A false mismatch (the same file
+    re-written by `dvc checkout`) costs a restart, never a wrong resume. `run.json` in the folder is what it hashes."""
+    files = {}
+    for path in map(Path, inputs):
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                st = f.stat()
+                files[str(f)] = [st.st_size, st.st_mtime_ns]
+    key = {"params": resolved, "inputs": files}  # plain JSON (config.to_dict): no repr with an address in it
+    d = ckpt_dir(out) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    from posttrain import cli
+
+    if cli.is_main_process():
+        stale = [p for p in ckpt_dir(out).glob("*") if p != d]
+        n = sum(1 if p.name.startswith("checkpoint-") else len(list(p.glob("checkpoint-*")))
+                for p in stale if p.is_dir())  # a checkpoint-N straight under <out>.ckpt: an older layout's
+        if n:
+            log.warning("%s: %d checkpoint(s) of a run with other params or inputs: deleted, not resumed",
+                        ckpt_dir(out), n)
+        for p in stale:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        d.mkdir(parents=True, exist_ok=True)
+        io.write_json(d / "run.json", key)
+    return d
+
+
+def resume_from(d: str | Path) -> str | None:
+    """The newest complete checkpoint in the run folder `d` (`run_dir`), or None. The Trainer writes
+    `trainer_state.json` after the weights, optimizer and RNG state, so a checkpoint without it was cut off mid-write
+    (a kill during a save): it is deleted and the one before it is used."""
+    d = Path(d)
     if not d.is_dir():
         return None
     found = sorted((p for p in d.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for ckpt in found:
         try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-            return str(ckpt)
+            step = json.loads((ckpt / "trainer_state.json").read_text()).get("global_step")
         except (OSError, ValueError):
             shutil.rmtree(ckpt, ignore_errors=True)
+            continue
+        log.info("resuming from %s (step %s)", ckpt, step)
+        return str(ckpt)
     return None
 
 

@@ -226,16 +226,17 @@ def run(common, params: VariantParams, args) -> dict:
     tok = modeling.stage_tokenizer(base, padding_side="right")
     dataset, dropped = build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
                                       Path(args.guidance), prefs)
-    trainer = make_trainer(model, tok, dataset, params, common, device, str(training.ckpt_dir(args.out)))
+    resolved = {"dpo": config.to_dict(params), "variant": args.variant, "common": config.to_dict(common)}
+    ckpts = training.run_dir(args.out, resolved, [args.model, prefs, args.reference, args.guidance])
+    trainer = make_trainer(model, tok, dataset, params, common, device, str(ckpts))
     training.log_lines(trainer, f"dpo@{args.variant}")
-    result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
+    result = trainer.train(resume_from_checkpoint=training.resume_from(ckpts))
     log = training.train_log(trainer)
     keep = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
     summary = {"train_loss": result.training_loss, "pairs": len(dataset), "steps": result.global_step} | {
         f"dropped_{k}": v for k, v in dropped.items()} | {
         f"final_{k.replace('/', '_')}": log[-1][k] for k in keep if log and k in log[-1]}
-    training.save(trainer.model, args.out, base, parents,
-                  {"dpo": config.to_dict(params), "variant": args.variant, "common": config.to_dict(common)}, summary)
+    training.save(trainer.model, args.out, base, parents, resolved, summary)
     return summary | {"train_runtime_s": result.metrics.get("train_runtime", 0.0)}
 
 

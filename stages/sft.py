@@ -128,8 +128,10 @@ def run(common, params: SftParams, args) -> dict:
         raise io.InputError(f"{args.data}: no usable row (dropped: {dict(dropped)}): each needs a non-empty final "
                             f"assistant turn within common.max_len={common.max_len} tokens")
     model, base, parents = training.policy_for_training(args.model, device, common.trust_remote_code)
+    resolved = {"sft": config.to_dict(params), "common": config.to_dict(common)}
+    ckpts = training.run_dir(args.out, resolved, [args.model, args.data])
     cfg = SFTConfig(
-        output_dir=str(training.ckpt_dir(args.out)), learning_rate=params.learning_rate,
+        output_dir=str(ckpts), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum, max_length=common.max_len, completion_only_loss=True,
         logging_steps=params.logging_steps, save_steps=params.save_steps, seed=params.seed,
@@ -138,9 +140,8 @@ def run(common, params: SftParams, args) -> dict:
                                peft_config=training.lora_config(params.lora_params) if params.lora else None,
                                callbacks=[training.StopOnNaN()])
     training.log_lines(trainer, "sft")
-    result = trainer.train(resume_from_checkpoint=training.resume_from(args.out))
-    training.save(trainer.model, args.out, base, parents,
-                  {"sft": config.to_dict(params), "common": config.to_dict(common)})
+    result = trainer.train(resume_from_checkpoint=training.resume_from(ckpts))
+    training.save(trainer.model, args.out, base, parents, resolved)
     return {"train_loss": result.training_loss, "rows": len(data), "steps": result.global_step,
             "train_runtime_s": result.metrics.get("train_runtime", 0.0)} | {
         f"dropped_{k}": v for k, v in dropped.items()}

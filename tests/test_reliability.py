@@ -89,7 +89,7 @@ def _dpo_trainer(workdir, params: Path, tmp: Path, out: Path, save_steps: int, l
     tok = modeling.load_tokenizer(base, padding_side="right")
     pairs = io.read_jsonl(tmp / "prepare/rm_prefs.jsonl", "prefs")
     data, _ = dpo.build_dataset(tok, pairs, vp, common.max_len, tmp / "reference", tmp / "reference", "prefs")
-    trainer = dpo.make_trainer(model, tok, data, vp, common, device, str(training.ckpt_dir(out)))
+    trainer = dpo.make_trainer(model, tok, data, vp, common, device, str(training.run_dir(out, {}, [])))
     trainer.remove_callback(MLflowCallback)  # no MLflow store here; the guard is what is under test
     trainer.add_callback(PoisonAt(3))
     return trainer
@@ -110,11 +110,12 @@ def test_nan_guard_stops_a_real_dpo_run_keeping_the_last_good_checkpoint(workdir
         trainer.train()
     assert trainer.state.global_step == 4 and not out.exists()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    ckpts = sorted(p.name for p in training.ckpt_dir(out).glob("checkpoint-*"))
+    run = training.run_dir(out, {}, [])
+    ckpts = sorted(p.name for p in run.glob("checkpoint-*"))
     if save_steps == 2:
         assert losses == [] and ckpts == ["checkpoint-2"]
-        assert training.resume_from(out) == str(training.ckpt_dir(out) / "checkpoint-2")
-        weights = load_file(str(training.ckpt_dir(out) / "checkpoint-2" / "adapter_model.safetensors"))
+        assert training.resume_from(run) == str(run / "checkpoint-2")
+        weights = load_file(str(run / "checkpoint-2" / "adapter_model.safetensors"))
         assert weights and all(torch.isfinite(w).all() for w in weights.values())
     else:
         assert ckpts == [] and len(losses) == 4 and all(x == x for x in losses[:3]) and losses[3] != losses[3]

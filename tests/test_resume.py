@@ -1,6 +1,8 @@
 """A training stage (sft, dpo) killed with SIGKILL mid-run leaves no output, and the re-run resumes from its last
 checkpoint to the same weights as an uninterrupted run."""
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,17 +28,20 @@ def _sft(params: Path, workdir: Path, data: Path, out: Path) -> subprocess.Popen
     return _stage("sft", "--params", params, "--model", workdir / "models/base", "--data", data, "--out", out)
 
 
-def _kill_after(proc: subprocess.Popen, ckpt: Path, step: int, last: int) -> None:
-    """SIGKILL `proc` a moment after `checkpoint-<step>` appears, and check a checkpoint short of `last` is kept."""
+def _kill_after(proc: subprocess.Popen, ckpt: Path, step: int, last: int) -> Path:
+    """SIGKILL `proc` a moment after `checkpoint-<step>` appears in its run folder (`<out>.ckpt/<key>/`), check a
+    checkpoint short of `last` is kept, and return that run folder."""
     deadline = time.time() + 600
-    while not (ckpt / f"checkpoint-{step}").exists():
+    while not list(ckpt.glob(f"*/checkpoint-{step}")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.2)
     time.sleep(0.2)  # into the steps after it (a tiny model's step takes tens of milliseconds on an idle machine)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    kept = get_last_checkpoint(str(ckpt))
+    (run,) = ckpt.iterdir()
+    kept = get_last_checkpoint(str(run))
     assert kept is not None and int(kept.rsplit("-", 1)[1]) < last, "killed before the end, with a checkpoint kept"
+    return run
 
 
 def _same_adapter(a_dir: Path, b_dir: Path) -> None:
@@ -62,11 +67,13 @@ def test_sigkilled_sft_resumes_to_the_same_weights(workdir, tmp_path):
     killed = tmp_path / "killed"
     proc = _sft(params, workdir, data, killed)
     ckpt = Path(f"{killed}.ckpt")
-    _kill_after(proc, ckpt, 4, 12)  # 12 demos / batch 4 = 3 steps an epoch, 12 in all
+    run = _kill_after(proc, ckpt, 4, 12)  # 12 demos / batch 4 = 3 steps an epoch, 12 in all
     assert not killed.exists(), "a killed stage must leave no output that DVC could take as complete"
 
     proc = _sft(params, workdir, data, killed)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    code, err = proc.wait(timeout=600), proc.stderr.read()
+    assert code == 0, err
+    assert f"resuming from {run}/checkpoint-" in err, "the same params and inputs: the re-run resumes"
     assert not ckpt.exists(), "checkpoints are removed once the stage finishes"
     _same_adapter(straight, killed)
 
@@ -95,14 +102,16 @@ def test_sigkilled_dpo_resumes_to_the_same_weights(workdir, tmp_path):
     killed = tmp_path / "killed"
     proc = dpo(killed)
     ckpt = Path(f"{killed}.ckpt")
-    _kill_after(proc, ckpt, 4, 40)  # 16 pairs / batch 4 = 4 steps an epoch, 40 in all: seconds left to kill it in
+    run = _kill_after(proc, ckpt, 4, 40)  # 16 pairs / batch 4 = 4 steps an epoch, 40 in all: time to kill it in
     assert not killed.exists(), "a killed stage must leave no output that DVC could take as complete"
     stale = tmp_path / f".killed.tmp-{proc.pid}"  # what a kill inside the final save leaves: a partial temp folder
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"partial")
 
     proc = dpo(killed)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    code, err = proc.wait(timeout=600), proc.stderr.read()
+    assert code == 0, err
+    assert f"resuming from {run}/checkpoint-" in err, "the same params and inputs: the re-run resumes"
     assert not ckpt.exists() and not stale.exists()
     _same_adapter(straight, killed)
 
@@ -111,16 +120,55 @@ def test_resume_skips_a_checkpoint_cut_off_mid_write(tmp_path):
     """A kill during a save leaves checkpoint-N without trainer_state.json: resume from the one before, drop it."""
     from posttrain import training
 
-    out = tmp_path / "model"
-    ckpt = training.ckpt_dir(out)
-    (ckpt / "checkpoint-10").mkdir(parents=True)
+    ckpt = training.run_dir(tmp_path / "model", {"learning_rate": 1e-4}, [])
+    (ckpt / "checkpoint-10").mkdir()
     (ckpt / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10}')
     (ckpt / "checkpoint-20").mkdir()
     (ckpt / "checkpoint-20" / "adapter_model.safetensors").write_bytes(b"partial")
     (ckpt / "checkpoint-3").mkdir()
     (ckpt / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
-    assert training.resume_from(out) == str(ckpt / "checkpoint-10")  # by step number, not by name order
+    assert training.resume_from(ckpt) == str(ckpt / "checkpoint-10")  # by step number, not by name order
     assert not (ckpt / "checkpoint-20").exists()
     (ckpt / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')  # cut off inside the state file
-    assert training.resume_from(out) == str(ckpt / "checkpoint-3")
+    assert training.resume_from(ckpt) == str(ckpt / "checkpoint-3")
     assert training.resume_from(tmp_path / "never_trained") is None
+
+
+def test_a_run_with_other_params_or_inputs_does_not_resume(tmp_path, caplog):
+    """Checkpoints live in `<out>.ckpt/<key>/`, the key hashing the params and each input file's size and mtime: the
+    same ones resume; another seed, or an input an upstream stage re-wrote, starts afresh and deletes the old run."""
+    from posttrain import training
+
+    out, prefs, ref = tmp_path / "dpo", tmp_path / "prefs.jsonl", tmp_path / "reference"
+    prefs.write_text("{}\n")
+    ref.mkdir()
+    (ref / "logps.pt").write_bytes(b"1234")
+    params = {"dpo": {"seed": 0, "learning_rate": 3e-5}}
+
+    def ckpt(run: Path, step: int) -> Path:
+        (run / f"checkpoint-{step}").mkdir()
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        return run / f"checkpoint-{step}"
+
+    first = training.run_dir(out, params, [prefs, ref])
+    assert first.parent == tmp_path / "dpo.ckpt"
+    assert json.loads((first / "run.json").read_text()) == {"params": params, "inputs": {
+        str(prefs): [3, prefs.stat().st_mtime_ns], str(ref / "logps.pt"): [4, (ref / "logps.pt").stat().st_mtime_ns]}}
+    kept = ckpt(first, 4)
+    assert training.run_dir(out, params, [prefs, ref]) == first  # a re-run after a kill: the same folder, resumed
+    assert training.resume_from(first) == str(kept)
+
+    with caplog.at_level(logging.WARNING):
+        seed1 = training.run_dir(out, {"dpo": {"seed": 1, "learning_rate": 3e-5}}, [prefs, ref])
+    assert seed1 != first and not first.exists() and training.resume_from(seed1) is None
+    assert "1 checkpoint(s) of a run with other params or inputs: deleted, not resumed" in caplog.text
+
+    ckpt(seed1, 2)
+    os.utime(ref / "logps.pt", ns=(1, 1))  # the same bytes written again by an upstream stage: another run
+    rewritten = training.run_dir(out, {"dpo": {"seed": 1, "learning_rate": 3e-5}}, [prefs, ref])
+    assert rewritten != seed1 and not seed1.exists() and training.resume_from(rewritten) is None
+
+    old = training.ckpt_dir(out) / "checkpoint-7"  # the layout before run folders: not resumable by key, deleted
+    old.mkdir()
+    assert training.run_dir(out, {"dpo": {"seed": 1, "learning_rate": 3e-5}}, [prefs, ref]) == rewritten
+    assert not old.exists() and sorted(p.name for p in training.ckpt_dir(out).iterdir()) == [rewritten.name]
