@@ -46,19 +46,24 @@ def ckpt_dir(out: str | Path) -> Path:
 
 
 def run_dir(out: str | Path, resolved: dict, inputs: list[str | Path]) -> Path:
-    """Where this run's checkpoints go: `<out>.ckpt/<key>/`, the key a hash of the resolved params and of the size
-    and modification time of every file under `inputs`. A re-run of an interrupted stage with the same params and
-    inputs finds its checkpoints and resumes; a run with other params (another seed, `dvc exp run -S ...`) or other
-    inputs (an upstream stage re-ran) gets a fresh folder, and the main process deletes the other runs' checkpoints,
-    saying so, instead of resuming a training the params no longer describe. A false mismatch (the same file
-    re-written by `dvc checkout`) costs a restart, never a wrong resume. `run.json` in the folder is what it hashes."""
-    files = {}
-    for path in map(Path, inputs):
-        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if f.is_file():
-                st = f.stat()
-                files[str(f)] = [st.st_size, st.st_mtime_ns]
-    key = {"params": resolved, "inputs": files}  # plain JSON (config.to_dict): no repr with an address in it
+    """Where this run's checkpoints go: `<out>.ckpt/<key>/`, the key a hash of the resolved params, the process count
+    (WORLD_SIZE) and the size and modification time of every file under `inputs` (the caller's: its model chain, data,
+    stage module and launcher config; '' is skipped) and of posttrain's code. A re-run of an interrupted stage with
+    the same ones finds its checkpoints and resumes; a run with other params (another seed, `dvc exp run -S ...`),
+    inputs (an upstream stage re-ran) or code gets a fresh folder, and the main process deletes the other runs'
+    checkpoints, saying so, instead of resuming a training the params no longer describe. Files are keyed by the
+    input's position and their path inside it, so every rank and machine gets the same folder however it spells
+    the paths. A false mismatch (the same file re-written by `dvc checkout`) costs a restart, never a wrong resume.
+    `run.json` in the folder is what it hashes."""
+    def stat(path: Path, pattern: str) -> dict[str, list[int]]:
+        found = sorted(path.rglob(pattern)) if path.is_dir() else [path]
+        return {("" if f == path else str(f.relative_to(path))): [f.stat().st_size, f.stat().st_mtime_ns]
+                for f in found if f.is_file()}
+
+    files = {f"{i}/{name}": v for i, path in enumerate(Path(x) for x in inputs if str(x))
+             for name, v in stat(path, "*").items()}
+    files |= {f"posttrain/{name}": v for name, v in stat(Path(__file__).parent, "*.py").items()}
+    key = {"params": resolved, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "inputs": files}
     d = ckpt_dir(out) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     from posttrain import cli
 

@@ -227,7 +227,8 @@ def run(common, params: VariantParams, args) -> dict:
     dataset, dropped = build_dataset(tok, pairs, params, common.max_len, Path(args.reference),
                                       Path(args.guidance), prefs)
     resolved = {"dpo": config.to_dict(params), "variant": args.variant, "common": config.to_dict(common)}
-    ckpts = training.run_dir(args.out, resolved, [args.model, prefs, args.reference, args.guidance])
+    ckpts = training.run_dir(args.out, resolved, [base, *parents, args.model, prefs, args.reference,
+                                                  args.guidance, __file__, common.launcher])
     trainer = make_trainer(model, tok, dataset, params, common, device, str(ckpts))
     training.log_lines(trainer, f"dpo@{args.variant}")
     result = trainer.train(resume_from_checkpoint=training.resume_from(ckpts))

@@ -129,7 +129,7 @@ def run(common, params: SftParams, args) -> dict:
                             f"assistant turn within common.max_len={common.max_len} tokens")
     model, base, parents = training.policy_for_training(args.model, device, common.trust_remote_code)
     resolved = {"sft": config.to_dict(params), "common": config.to_dict(common)}
-    ckpts = training.run_dir(args.out, resolved, [args.model, args.data])
+    ckpts = training.run_dir(args.out, resolved, [base, *parents, args.model, args.data, __file__, common.launcher])
     cfg = SFTConfig(
         output_dir=str(ckpts), learning_rate=params.learning_rate,
         num_train_epochs=params.epochs, per_device_train_batch_size=params.batch_size,

@@ -120,7 +120,7 @@ def test_rounds_promote_rerun_and_resume(rounds_repo, tmp_path, capsys):
         proc = subprocess.Popen([sys.executable, "-m", "flows.iterative", "--repo", str(repo)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ckpt, deadline = repo / "rounds/round_3/model.ckpt", time.time() + 300
-        while not list(ckpt.glob("checkpoint-*/trainer_state.json")):
+        while not list(ckpt.glob("*/checkpoint-*/trainer_state.json")):  # <out>.ckpt/<run key>/
             assert proc.poll() is None, f"the round ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
             assert time.time() < deadline
             time.sleep(0.1)

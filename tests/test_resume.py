@@ -4,6 +4,7 @@ checkpoint to the same weights as an uninterrupted run."""
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -115,6 +117,19 @@ def test_sigkilled_dpo_resumes_to_the_same_weights(workdir, tmp_path):
     assert not ckpt.exists() and not stale.exists()
     _same_adapter(straight, killed)
 
+    # killed again, then re-run with another training seed (what `dvc exp run -S dpo.defaults.seed=1` does): the
+    # stage must train afresh, not resume the seed-0 checkpoint
+    shutil.rmtree(killed)
+    _kill_after(dpo(killed), ckpt, 4, 40)
+    seed1 = yaml.safe_load(params.read_text())
+    seed1["dpo"]["defaults"]["seed"] = 1
+    params.write_text(yaml.safe_dump(seed1))
+    proc = dpo(killed)
+    code, err = proc.wait(timeout=600), proc.stderr.read()
+    assert code == 0, err
+    assert "checkpoint(s) of a run with other params or inputs: deleted, not resumed" in err
+    assert "resuming from" not in err
+
 
 def test_resume_skips_a_checkpoint_cut_off_mid_write(tmp_path):
     """A kill during a save leaves checkpoint-N without trainer_state.json: resume from the one before, drop it."""
@@ -134,9 +149,10 @@ def test_resume_skips_a_checkpoint_cut_off_mid_write(tmp_path):
     assert training.resume_from(tmp_path / "never_trained") is None
 
 
-def test_a_run_with_other_params_or_inputs_does_not_resume(tmp_path, caplog):
-    """Checkpoints live in `<out>.ckpt/<key>/`, the key hashing the params and each input file's size and mtime: the
-    same ones resume; another seed, or an input an upstream stage re-wrote, starts afresh and deletes the old run."""
+def test_a_run_with_other_params_or_inputs_does_not_resume(tmp_path, caplog, monkeypatch):
+    """Checkpoints live in `<out>.ckpt/<key>/`, the key hashing the params, the process count and each input file's
+    (and posttrain's code's) size and mtime: the same ones resume, however the paths are spelled; another seed,
+    process count, or an input an upstream stage re-wrote starts afresh and deletes the old run."""
     from posttrain import training
 
     out, prefs, ref = tmp_path / "dpo", tmp_path / "prefs.jsonl", tmp_path / "reference"
@@ -150,13 +166,23 @@ def test_a_run_with_other_params_or_inputs_does_not_resume(tmp_path, caplog):
         (run / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
         return run / f"checkpoint-{step}"
 
-    first = training.run_dir(out, params, [prefs, ref])
+    first = training.run_dir(out, params, [prefs, ref, ""])  # '' (no launcher) is skipped
     assert first.parent == tmp_path / "dpo.ckpt"
-    assert json.loads((first / "run.json").read_text()) == {"params": params, "inputs": {
-        str(prefs): [3, prefs.stat().st_mtime_ns], str(ref / "logps.pt"): [4, (ref / "logps.pt").stat().st_mtime_ns]}}
+    key = json.loads((first / "run.json").read_text())
+    assert key["params"] == params and key["world_size"] == 1
+    assert key["inputs"]["0/"] == [3, prefs.stat().st_mtime_ns]  # by position and path inside the input
+    assert key["inputs"]["1/logps.pt"] == [4, (ref / "logps.pt").stat().st_mtime_ns]
+    assert "posttrain/losses.py" in key["inputs"] and len(key["inputs"]) > 10  # and posttrain's code
     kept = ckpt(first, 4)
-    assert training.run_dir(out, params, [prefs, ref]) == first  # a re-run after a kill: the same folder, resumed
+    monkeypatch.chdir(tmp_path)
+    again = training.run_dir(out, params, ["prefs.jsonl", "./reference/"])
+    assert again == first  # a re-run after a kill, its paths spelled otherwise: the same folder, resumed
     assert training.resume_from(first) == str(kept)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # another process count (a sharded checkpoint would not load): a new run
+    assert training.run_dir(out, params, [prefs, ref]) != first and not first.exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    first = training.run_dir(out, params, [prefs, ref])
+    ckpt(first, 4)
 
     with caplog.at_level(logging.WARNING):
         seed1 = training.run_dir(out, {"dpo": {"seed": 1, "learning_rate": 3e-5}}, [prefs, ref])
