@@ -1,5 +1,5 @@
 """A training stage (sft, dpo) killed with SIGKILL mid-run leaves no output, and the re-run resumes from its last
-checkpoint to the same weights as an uninterrupted run."""
+checkpoint to the same weights as an uninterrupted run; a re-run with other params or inputs starts afresh."""
 
 import json
 import logging
