@@ -358,6 +358,7 @@ def main(argv=None) -> dict:
                            for m, (r, tag) in got["methods"].items()},
                "settings": {"prepare": params["prepare"], "dpo": params["dpo"]["defaults"],
                             "guidance": params["guidance"]["sources"]},
+               "params": params,  # the pipeline's whole params.yaml: its repo is a scratch clone
                "eval_prompts": len(gold_eval), "training_prompts": len(train_rows), "pairs": len(pairs),
                "step_pairs": len(step_pairs), "label": json.loads((repo / "data/label/stats.json").read_text()),
                "prompts_with_pairs": {

@@ -203,6 +203,7 @@ def test_long_answers_bench_runs_seeds_scales_and_heads_as_dvc_experiments(repo,
     assert {m: d["baseline"] for m, d in out["paired_vs_dpo"].items()} == {
         "tgdpo_token": "dpo", "tgdpo_token_x2": "dpo", "dpo_lr0.002": "dpo", "tgdpo_token_lr0.002": "dpo_lr0.002"}
     assert out["settings"]["dpo"]["learning_rate"] == 1e-3
+    assert out["params"] == yaml.safe_load(params)  # the scratch repo's whole params.yaml, label's knobs included
     assert all(out["training"]["dpo_lr0.002"][s]["pairs"] == out["training"]["dpo"][s]["pairs"] for s in (0, 2))
     assert "step_score" not in out["end_scores"]["dpo"]  # no worked task in the tiny mix
     assert out["training"]["dpo"][0] == json.loads((repo / "models/dpo/dpo/train_metrics.json").read_text())

@@ -130,6 +130,31 @@ def test_stage_metrics_copies_what_the_stages_wrote_with_the_pipelines_revision(
     assert saved["command"].startswith("python -m bench.stage_metrics --repo ") and saved["dirty"] is False
 
 
+def test_stage_seconds_are_the_latest_finished_workspace_run_of_each_stage(tmp_path):
+    """sft ran twice in the workspace (the later run, 250 s, wins), once in a `dvc exp run` (not the pipeline's) and
+    once unfinished; label once: 4.5 s. Another experiment's run is not read."""
+    from mlflow.tracking import MlflowClient
+
+    from bench import stage_metrics
+
+    (tmp_path / "params.yaml").write_text("common: {mlflow_uri: 'sqlite:///mlflow.db', mlflow_experiment: e}\n")
+    assert stage_metrics.stage_seconds(tmp_path) == {}  # no store yet
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp, other = client.create_experiment("e"), client.create_experiment("other")
+
+    def run(name, start_s, end_s, where="workspace", experiment=exp, status="FINISHED"):
+        r = client.create_run(experiment, start_time=start_s * 1000, tags={"dvc_experiment": where}, run_name=name)
+        client.set_terminated(r.info.run_id, status=status, end_time=end_s * 1000)
+
+    run("sft", 1000, 1400)
+    run("sft", 2000, 2250)
+    run("sft", 3000, 3010, where="long-seed1")
+    run("sft", 4000, 4005, status="FAILED")
+    run("label", 2300, 2304.5)
+    run("label", 5000, 5100, experiment=other)
+    assert stage_metrics.stage_seconds(tmp_path) == {"sft": 250.0, "label": 4.5}
+
+
 def test_main_job_pair_compares_wall_time_and_pass_rates_against_the_before_interval():
     """after/before wall 750/1000 = 0.75 (25% less); dpo's 0.47 lies in [0.43, 0.57], sft's 0.30 not in
     [0.37, 0.51]; a row the after run lacks is not inside."""
