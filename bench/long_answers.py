@@ -1,9 +1,10 @@
 """Token- and step-level credit against plain DPO on long worked answers: several training seeds as DVC experiments,
 with the mechanism as the pipeline's own credit stage measures it.
 
-    cp profiles/long.yaml params.yaml          # in a scratch clone; set prepare.n_train: 1600 (>= 400 pairs: Size)
-    dvc repro                                   # the pipeline this reads (about 2.2 hours on 2 CPU cores at 1600)
-    python -m bench.long_answers --repo ../run  # from a clean checkout (its revision is the figures' provenance)
+    cp profiles/long.yaml params.yaml          # in a scratch clone, with the edits under Size (>= 400 pairs)
+    dvc repro                                   # the pipeline this reads
+    python -m bench.long_answers --repo ../run --rows dpo rpo tgdpo tgdpo_cancel tgdpo_cancel_token step_dpo \
+        --aggregators average                   # from a clean checkout (its revision is the figures' provenance)
 
 Every figure comes from the pipeline's stages, run by DVC; nothing here restates dvc.yaml:
 - each training seed but the pipeline's own (`dpo.defaults.seed`) is one experiment on the pipeline repo,
@@ -42,16 +43,19 @@ Measured:
 - the picture: the pipeline's `reports/credit/pairs.png`, copied to `--plot`;
 - the pairs: the label stage's stats.json (pairs dropped by rule; the step pairs by source of their chosen step).
 
-Size (issue 22 asks for >= 400 response-level training pairs; `--min-pairs` refuses fewer): the knob is
-`prepare.n_train`. A prompt gives at most one response-level pair, and only when one of its samples is right: 500
-prompts x 4 samples gave 145 pairs (bench/results/long_pipeline.json, at 3301a06; mul_steps, half the mix, passes
-~0.01), so 1600 prompts give ~460. Cost: a seed's experiment is 9 trainings, guidance@dpo, 9 evaluations of the
-held-out prompts and credit; the two step rows train on 5.6 step pairs per response-level pair (810 and 145 at 500
-prompts, bench/results/long_answers_lr1e-4.json) and are most of it. At 1600 prompts that is hours a seed on 2 CPU
-cores, more than a session may hold (`wall_s` in the results file times one invocation alone: not the pipeline's
-`dvc repro`, nor the stages an earlier, interrupted invocation ran). An interrupted run resumes: the
-same command again re-runs the experiments, and every stage an earlier one finished comes back from DVC's run cache;
-interrupt it with Ctrl-C (SIGINT), so that the workspace gets the pipeline's params and outputs back.
+Size (issue 22 asks for >= 400 response-level training pairs; `--min-pairs` refuses fewer). A prompt gives at most one
+response-level pair, and only when some samples are right and some wrong: at 500 prompts of profiles/long.yaml's
+mix, 4 samples each, 145 pairs (bench/results/long_pipeline.json, at 3301a06), because mul_steps, half the mix,
+passes ~0.01 under SFT: its prompts give almost no pair and its held-out half no signal. The acceptance run
+(bench/results/long_answers.json; its `params` is the pipeline's whole params.yaml) therefore edits the profile to
+`prepare.task_mix: {chain_add: 1.0}`, `prepare.n_train: 900` (497 pairs and 720 step pairs),
+`label.step_pairs_per_prompt: 1`, and keeps issue 22's six rows in `dpo.variants` and `evaluate.models` (the
+others cost a training and an evaluation a seed each); `--aggregators average` (the pipeline's own) skips the other
+token-reward heads, one token_reward training each. That pipeline and this benchmark fit one session on 2 CPU cores
+(`bench/results/long_pipeline_accept.json` has the stages' seconds, this file's `wall_s` the two further seeds).
+An interrupted run resumes: the same command again re-runs the experiments, and every stage an earlier one finished
+comes back from DVC's run cache; interrupt it with Ctrl-C (SIGINT), so that the workspace gets the pipeline's
+params and outputs back.
 """
 
 from __future__ import annotations
