@@ -186,21 +186,11 @@ def prompt_of(pair_id: str) -> str:
     return pair_id.rsplit(".step", 1)[0]
 
 
-def override(value) -> str:
-    """A `-S key=value` value that the stages read back as it was: DVC writes it into params.yaml as typed and
-    PyYAML (YAML 1.1) reads 3e-05 as a string, 3.0e-05 as a float."""
-    if not isinstance(value, float):
-        return str(value)
-    mantissa, e, exponent = repr(value).partition("e")
-    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else repr(value)
-
-
 def experiment(repo: Path, name: str, settings: dict, targets: list[str]) -> None:
     """One `dvc exp run` on the pipeline repo with `settings` as -S (every knob the benchmark moves is set each
     time: an experiment starts from the workspace the last one left). A stage whose deps and params DVC has seen
     before (another seed's guidance at the pipeline's scale) comes back from DVC's run cache, outputs and all."""
-    sets = [a for k, v in (settings | {"common.mlflow_experiment": EXPERIMENT}).items()
-            for a in ("-S", f"{k}={override(v)}")]
+    sets = [a for k, v in (settings | {"common.mlflow_experiment": EXPERIMENT}).items() for a in ("-S", f"{k}={v}")]
     subprocess.run([*seeds.DVC, "exp", "run", "--name", name, *sets, *targets], cwd=repo, env=seeds.ENV, check=True)
 
 
