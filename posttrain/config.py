@@ -7,6 +7,7 @@ key's path (`params.yaml: sft.epochs: ...`) so a typo never silently falls back 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,10 +119,20 @@ def parse(cls: type, data: Any, where: str) -> Any:
         raise ParamsError(f"{where}: {e}") from e
 
 
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads YAML 1.2's floats without a dot, `3e-05` and `1e4`, as floats (PyYAML
+    follows YAML 1.1 and reads them as strings). DVC writes them so: `dvc exp run -S dpo.defaults.learning_rate=3e-05`
+    puts 3e-05 in params.yaml whatever the spelling after `=`; a user writes `3e-5` too."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError as e:
         raise ParamsError(f"{path}: file not found") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:

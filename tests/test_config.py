@@ -189,3 +189,21 @@ def test_the_dpo_stage_depends_on_the_shared_block_and_its_own_row_only():
     wanted = DVC["stages"]["dpo"]["do"]["params"]
     assert [p for p in wanted if p.startswith("dpo")] == ["dpo.defaults", "dpo.variants.${key}"]
     assert "common.seed" not in wanted and "common.seed" not in DVC["stages"]["sft"]["params"]
+
+
+def test_floats_without_a_dot_read_as_floats_after_dvc_rewrites_params(tmp_path):
+    """`dvc exp run -S dpo.defaults.learning_rate=3e-05` (bench.long_answers sets it in every experiment) writes
+    3e-05 into params.yaml through DVC's own override code, which PyYAML reads as a string: every dpo stage then
+    stopped ('expected float, got str'). read_yaml reads it as the float it is; a quoted one stays a string."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text("dpo:\n  defaults: {learning_rate: 3.0e-05, seed: 0}\nnote: '3e-05'\n")
+    apply_overrides(path, ["dpo.defaults.seed=1", "dpo.defaults.learning_rate=3.0e-05"])
+    assert yaml.safe_load(path.read_text())["dpo"]["defaults"]["learning_rate"] == "3e-05"  # the trap
+    data = config.read_yaml(path)
+    assert data["dpo"]["defaults"] == {"learning_rate": 3e-05, "seed": 1} and data["note"] == "3e-05"
+    got = config.parse(dpo.TrainParams, data["dpo"]["defaults"], "dpo.defaults")
+    assert got.learning_rate == 3e-05 and got.seed == 1
+    path.write_text("a: 1e4\nb: -2E+3\nc: 12\nd: 3e\n")
+    assert config.read_yaml(path) == {"a": 10000.0, "b": -2000.0, "c": 12, "d": "3e"}
