@@ -4,7 +4,7 @@ with the mechanism as the pipeline's own credit stage measures it.
     cp profiles/long.yaml params.yaml          # in a scratch clone, with the edits under Size (>= 400 pairs)
     dvc repro                                   # the pipeline this reads
     python -m bench.long_answers --repo ../run --rows dpo rpo tgdpo tgdpo_cancel tgdpo_cancel_token step_dpo \
-        --aggregators average                   # from a clean checkout (its revision is the figures' provenance)
+        --aggregators average --credit-seeds own  # from a clean checkout (its revision: the figures' provenance)
 
 Every figure comes from the pipeline's stages, run by DVC; nothing here restates dvc.yaml:
 - each training seed but the pipeline's own (`dpo.defaults.seed`) is one experiment on the pipeline repo,
@@ -51,8 +51,10 @@ passes ~0.01 under SFT: its prompts give almost no pair and its held-out half no
 `prepare.task_mix: {chain_add: 1.0}`, `prepare.n_train: 900` (497 pairs and 720 step pairs),
 `label.step_pairs_per_prompt: 1`, and keeps issue 22's six rows in `dpo.variants` and `evaluate.models` (the
 others cost a training and an evaluation a seed each); `--aggregators average` (the pipeline's own) skips the other
-token-reward heads, one token_reward training each. That pipeline and this benchmark fit one session on 2 CPU cores
-(`bench/results/long_pipeline_accept.json` has the stages' seconds, this file's `wall_s` the two further seeds).
+token-reward heads, one token_reward training each, and `--credit-seeds own` measures blame and displacement on the
+pipeline's own seed alone (the credit stage reads every pair under every policy: ~8 minutes a seed). That pipeline
+and this benchmark fit one session on 2 Intel Xeon cores (`bench/results/long_pipeline_accept.json` has the stages'
+seconds, this file's `wall_s` the two further seeds).
 An interrupted run resumes: the same command again re-runs the experiments, and every stage an earlier one finished
 comes back from DVC's run cache; interrupt it with Ctrl-C (SIGINT), so that the workspace gets the pipeline's
 params and outputs back.
@@ -194,9 +196,11 @@ def experiment(repo: Path, name: str, settings: dict, targets: list[str]) -> Non
     subprocess.run([*seeds.DVC, "exp", "run", "--name", name, *sets, *targets], cwd=repo, env=seeds.ENV, check=True)
 
 
-def read_state(repo: Path, methods: dict[str, str], specs: dict[str, dict]) -> dict:
-    """What the workspace's stages wrote, per method named after its row: end scores and credit's figures."""
-    metrics = json.loads((repo / "reports/credit/metrics.json").read_text())
+def read_state(repo: Path, methods: dict[str, str], specs: dict[str, dict], credit: bool = True) -> dict:
+    """What the workspace's stages wrote, per method named after its row: end scores and credit's figures (None and
+    no blame where the experiment did not run credit: its metrics.json is another seed's)."""
+    metrics = json.loads((repo / "reports/credit/metrics.json").read_text()) if credit else {
+        "displacement": {}, "displacement_minus_dpo": {}, "blame": {}}
     return {"scores": {m: end_scores(io.read_jsonl(repo / f"reports/evaluate/{r}/answers.jsonl", "answers"), specs)
                        for m, r in methods.items()},
             "displacement": {m: metrics["displacement"].get(r) for m, r in methods.items()},
@@ -241,11 +245,12 @@ def run_benchmark(repo: Path, params: dict, args, specs: dict[str, dict]) -> dic
         states[s] = {}
         for tag, v in tags.items():
             names = {m: r for m, (r, t) in methods.items() if t == tag}
+            credit = s == own_seed or args.credit_seeds == "all"
             if s != own_seed or tag:
-                targets = [f"evaluate@{r}" for r in v["rows"]] + ["credit"]
+                targets = [f"evaluate@{r}" for r in v["rows"]] + (["credit"] if credit else [])
                 experiment(repo, f"long-{stamp}-seed{s}" + (f"-{tag}" if tag else ""),
                            own | {"dpo.defaults.seed": s} | v["knobs"], targets)
-            states[s][tag] = read_state(repo, names, specs)
+            states[s][tag] = read_state(repo, names, specs, credit)
     held = json.loads((repo / "reports/token_reward/metrics.json").read_text())  # not re-run by any seed
     first = states[next(iter(states))][""]["blame"] if states else {}
     blame_agg = {}
@@ -311,6 +316,9 @@ def main(argv=None) -> dict:
                    help="DPO learning rates besides the pipeline's (dpo.defaults.learning_rate): every row again")
     p.add_argument("--aggregators", nargs="*", default=list(tr.AGGREGATORS), choices=list(tr.AGGREGATORS),
                    help="token-reward aggregators whose heads are scored for blame localisation")
+    p.add_argument("--credit-seeds", choices=("all", "own"), default="all",
+                   help="seeds whose experiments run the credit stage (blame, displacement): own = the pipeline's "
+                        "own seed alone, which saves one credit run (~8 min at 497 pairs on 2 cores) a further seed")
     p.add_argument("--min-eval", type=int, default=500, help="refuse fewer held-out prompts with a gold verdict")
     p.add_argument("--min-pairs", type=int, default=400, help="refuse fewer response-level training pairs")
     p.add_argument("--n-boot", type=int, default=1000)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain import credit, tasks
+from posttrain import credit, io, tasks
 from tests.conftest import ADD3, ADD3_PROMPT, ADD3_REJECTED, ROOT, add3_pair
 
 
@@ -113,6 +113,25 @@ def test_bench_compare_pairs_by_prompt_and_seed():
     assert la.goal_met({"mean": 0.03, "ci_prompts": [0.001, 0.06]})
     assert not la.goal_met({"mean": 0.029, "ci_prompts": [0.001, 0.06]})
     assert not la.goal_met({"mean": 0.05, "ci_prompts": [0.0, 0.1]})
+
+
+def test_bench_reads_credit_only_where_the_experiment_ran_it(tmp_path):
+    """With --credit-seeds own a further seed's experiment leaves the own seed's reports/credit/metrics.json in the
+    workspace: read_state must not credit that seed with it."""
+    from bench import long_answers as la
+
+    (tmp_path / "reports/evaluate/dpo").mkdir(parents=True)
+    (tmp_path / "reports/credit").mkdir(parents=True)
+    io.write_jsonl(tmp_path / "reports/evaluate/dpo/answers.jsonl",
+                   [{"id": "w", "task": "chain_add", "response": tasks.solve(ADD3), "score": 1.0, "passed": True,
+                     "length": 40}])
+    io.write_json(tmp_path / "reports/credit/metrics.json", {"displacement": {"dpo": {"n": 3, "mean": -0.5}},
+                                                            "displacement_minus_dpo": {}, "blame": {"dpo": {"n": 3}}})
+    ran = la.read_state(tmp_path, {"dpo": "dpo"}, {"w": ADD3})
+    assert ran["displacement"] == {"dpo": {"n": 3, "mean": -0.5}} and ran["blame"] == {"dpo": {"n": 3}}
+    stale = la.read_state(tmp_path, {"dpo": "dpo"}, {"w": ADD3}, credit=False)
+    assert stale["displacement"] == {"dpo": None} and stale["minus_dpo"] == {"dpo": None} and stale["blame"] == {}
+    assert stale["scores"] == ran["scores"] == {"dpo": {"w": {"pass": 1.0, "step_score": 1.0}}}
 
 
 def test_bench_over_seeds_needs_every_seed():
