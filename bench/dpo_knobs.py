@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from bench import machine
+from posttrain import config
 from stages import dpo, evaluate
 
 
@@ -33,7 +34,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     machine.require_clean(args.allow_dirty)
     repo, work = Path(args.repo).resolve(), Path(args.work).resolve()
-    base = yaml.safe_load((repo / "params.yaml").read_text())
+    base = config.read_yaml(repo / "params.yaml")
     results = {}
     with contextlib.chdir(repo):  # its adapter chains name their base relative to the repo (chain.json)
         for rate in args.rates:

@@ -33,6 +33,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 
 from bench import carry
+from posttrain import config
 
 CARRIED = (
     "trl datasets dill multiprocess "  # datasets' own needs beyond the image
@@ -75,8 +76,8 @@ def _params(work: Path, scale: int, device: str = "cuda") -> Path:
     (params.yaml: the knobs of this very model shape), and the two DPO rows the check trains."""
     import yaml
 
-    p = yaml.safe_load(Path("profiles/tiny.yaml").read_text())
-    main = yaml.safe_load(Path("params.yaml").read_text())
+    p = config.read_yaml(Path("profiles/tiny.yaml"))
+    main = config.read_yaml(Path("params.yaml"))
     p["common"] |= {"device": device, "max_len": main["common"]["max_len"], "mlflow_uri": f"sqlite:///{work}/mlflow.db"}
     p["prepare"] |= {"n_train": p["prepare"]["n_train"] * scale, "n_sft": p["prepare"]["n_sft"] * scale}
     p["sft"], p["dpo"]["defaults"] = main["sft"], main["dpo"]["defaults"]

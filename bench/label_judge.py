@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from bench import machine
+from posttrain import config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     repo = Path(args.repo).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params = config.read_yaml(repo / "params.yaml")
         params["label"]["judge"] = args.judge
         if args.min_prob is not None:
             params["label"]["min_prob"] = args.min_prob

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from bench import machine
+from posttrain import config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="merge_memory-") as tmp:
         work = Path(tmp)
-        params = yaml.safe_load((ROOT / args.params).read_text())
+        params = config.read_yaml(ROOT / args.params)
         params["common"]["mlflow_uri"] = f"sqlite:///{work / 'mlflow.db'}"
         params["merge"]["models"] = {m: {"method": m, "alpha": 0.5} | ({"density": 0.5} if merge.METHODS[m].sparse
                                                                         else {}) for m in args.methods}

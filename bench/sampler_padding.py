@@ -24,10 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from bench import machine
-from posttrain import io, modeling, sampling
+from posttrain import config, io, modeling, sampling
 
 
 def sampler_at(rev: str):
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine.require_clean(args.allow_dirty)
     here, out, repo = Path.cwd(), Path(args.out).resolve(), Path(args.repo).resolve()
     before = sampler_at(args.before)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = config.read_yaml(repo / "params.yaml")
     gen, seed = params["generate"], params["common"]["seed"]
     os.chdir(repo)  # adapter chains name their base relative to the repo
     tok = modeling.stage_tokenizer("models/sft")
